@@ -1,0 +1,18 @@
+//! The wire contract of embedd: the Jina Search Foundation API (0.0.89) request and response types,
+//! their validation into FastAPI-shaped 422 bodies, and the output encodings.
+//!
+//! Nothing here knows about HTTP servers or models: handlers parse a JSON body with these types,
+//! check it against a model's [`ModelCapabilities`], and render the result.
+
+pub mod embeddings;
+pub mod encoding;
+pub mod error;
+pub mod input;
+pub mod models;
+mod reader;
+
+pub use embeddings::{EmbedRequest, EmbedResponse, EmbeddingObject, Usage};
+pub use encoding::{EncodedVector, EncodingFormat, EncodingSelection};
+pub use error::{ErrorBody, LocItem, ValidationError, ValidationErrors};
+pub use input::{ImageSource, InputItem, Task};
+pub use models::{ModelCapabilities, ModelCard, ModelKind, ModelList};

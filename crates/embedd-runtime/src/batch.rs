@@ -1,0 +1,50 @@
+//! A padded batch of token sequences as the encoders take it.
+
+use candle_core::{Device, Tensor};
+
+use crate::tokenize::TokenSequence;
+
+/// Right-padded `[batch, seq]` tensors for a set of sequences.
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub token_type_ids: Tensor,
+    /// 1.0 for real tokens, 0.0 for padding (f32).
+    pub attention_mask: Tensor,
+    /// Real length of each sequence.
+    pub lengths: Vec<usize>,
+    pub max_len: usize,
+}
+
+impl Batch {
+    pub fn new(
+        sequences: &[&TokenSequence],
+        pad_id: u32,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let max_len = sequences.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let n = sequences.len();
+        let mut ids = Vec::with_capacity(n * max_len);
+        let mut types = Vec::with_capacity(n * max_len);
+        let mut mask = Vec::with_capacity(n * max_len);
+        for s in sequences {
+            let pad = max_len - s.len();
+            ids.extend_from_slice(&s.ids);
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            types.extend_from_slice(&s.type_ids);
+            types.extend(std::iter::repeat_n(0u32, pad));
+            mask.extend(std::iter::repeat_n(1f32, s.len()));
+            mask.extend(std::iter::repeat_n(0f32, pad));
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (n, max_len), device)?,
+            token_type_ids: Tensor::from_vec(types, (n, max_len), device)?,
+            attention_mask: Tensor::from_vec(mask, (n, max_len), device)?,
+            lengths: sequences.iter().map(|s| s.len()).collect(),
+            max_len,
+        })
+    }
+
+    pub fn size(&self) -> usize {
+        self.lengths.len()
+    }
+}

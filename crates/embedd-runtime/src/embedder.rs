@@ -1,0 +1,267 @@
+//! A served dense-embedding model: tokenizer, encoder, pooling, behind a [`BatchScheduler`].
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::batch::Batch;
+use crate::device::DeviceSpec;
+use crate::error::{Result, RuntimeError};
+use crate::model_dir::{ModelDir, ModelSource};
+use crate::models::{BertConfig, BertModel, Encoder};
+use crate::pooling::Pooling;
+use crate::scheduler::{BatchScheduler, SchedulerConfig, TokenCost};
+use crate::tokenize::{TextTokenizer, TokenSequence};
+
+/// What to load and how to serve it.
+#[derive(Debug, Clone)]
+pub struct EmbedderSpec {
+    pub name: String,
+    pub source: ModelSource,
+    /// Overrides the pooling found in the model's sentence-transformers files (default: mean).
+    pub pooling: Option<Pooling>,
+    /// Overrides the model's own maximum input length (capped by its position table).
+    pub max_tokens: Option<usize>,
+    pub device: DeviceSpec,
+    pub scheduler: SchedulerConfig,
+}
+
+/// One unit of work for the encoder: a sequence, pooled whole or, for late chunking, per span.
+#[derive(Debug, Clone)]
+pub struct EncodeItem {
+    pub sequence: TokenSequence,
+    pub spans: Option<Vec<Range<usize>>>,
+}
+
+impl TokenCost for EncodeItem {
+    fn tokens(&self) -> usize {
+        self.sequence.len()
+    }
+}
+
+/// Raw pooled vectors (not normalized, full size) in input order, and the tokens run.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub tokens: usize,
+}
+
+pub struct TextEmbedder {
+    name: String,
+    source: ModelSource,
+    tokenizer: TextTokenizer,
+    scheduler: BatchScheduler<EncodeItem, Vec<Vec<f32>>>,
+    dimensions: usize,
+    pooling: Pooling,
+}
+
+/// Loads the encoder named by `config.json`'s `model_type`.
+fn load_encoder(dir: &ModelDir, device: &Device) -> Result<(Box<dyn Encoder>, usize)> {
+    let raw = dir.read_config()?;
+    let model_type = raw
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("bert")
+        .to_string();
+    match model_type.as_str() {
+        "bert" | "roberta" | "xlm-roberta" | "camembert" => {
+            let config: BertConfig =
+                serde_json::from_value(raw).map_err(|e| RuntimeError::ModelConfig {
+                    path: dir.config.clone(),
+                    field: "(bert config)".into(),
+                    reason: e.to_string(),
+                })?;
+            if let Some(p) = config
+                .position_embedding_type
+                .as_deref()
+                .filter(|p| *p != "absolute")
+            {
+                return Err(RuntimeError::ModelConfig {
+                    path: dir.config.clone(),
+                    field: "position_embedding_type".into(),
+                    reason: format!("'{p}' is not supported (only 'absolute')"),
+                });
+            }
+            let vb = crate::models::bert::var_builder(&dir.weights, DType::F32, device)?;
+            let model = BertModel::load(vb, &config).map_err(|e| RuntimeError::ModelFile {
+                path: dir.weights.clone(),
+                reason: format!("weights do not match config.json: {e}"),
+            })?;
+            Ok((Box::new(model), config.max_tokens()))
+        }
+        other => Err(RuntimeError::ModelConfig {
+            path: dir.config.clone(),
+            field: "model_type".into(),
+            reason: format!("architecture '{other}' is not supported for embeddings"),
+        }),
+    }
+}
+
+impl TextEmbedder {
+    pub fn load(spec: &EmbedderSpec) -> Result<Self> {
+        let dir = ModelDir::resolve(&spec.source, &[])?;
+        let device = spec.device.open()?;
+        let (encoder, position_limit) = load_encoder(&dir, &device)?;
+        let st = &dir.sentence_transformers;
+        let max_tokens = spec
+            .max_tokens
+            .or(st.max_seq_length)
+            .unwrap_or(position_limit)
+            .min(position_limit);
+        let pooling = spec.pooling.or(st.pooling).unwrap_or(Pooling::Mean);
+        let tokenizer = TextTokenizer::from_file(&dir.tokenizer, max_tokens)?;
+        let dimensions = encoder.hidden_size();
+        let encoder: Arc<dyn Encoder> = Arc::from(encoder);
+        let pad_id = tokenizer.pad_id();
+        let run = move |items: &[&EncodeItem]| -> Result<Vec<Vec<Vec<f32>>>> {
+            Ok(encode_batch(
+                encoder.as_ref(),
+                pooling,
+                pad_id,
+                &device,
+                items,
+            )?)
+        };
+        let scheduler = BatchScheduler::new(&spec.name, spec.scheduler, Box::new(run));
+        tracing::info!(
+            model = %spec.name, source = %spec.source, dimensions, max_tokens, ?pooling,
+            "embedding model loaded"
+        );
+        Ok(Self {
+            name: spec.name.clone(),
+            source: spec.source.clone(),
+            tokenizer,
+            scheduler,
+            dimensions,
+            pooling,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn source(&self) -> &ModelSource {
+        &self.source
+    }
+
+    pub fn dimensions(&self) -> usize {
+        self.dimensions
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.tokenizer.max_tokens()
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    pub fn queued_items(&self) -> usize {
+        self.scheduler.queued_items()
+    }
+
+    /// Tokenizes texts, one work item each. CPU-bound: call it off the async runtime.
+    pub fn prepare(&self, texts: &[String], truncate: bool) -> Result<Vec<EncodeItem>> {
+        Ok(self
+            .tokenizer
+            .encode_batch(texts, truncate)?
+            .into_iter()
+            .map(|sequence| EncodeItem {
+                sequence,
+                spans: None,
+            })
+            .collect())
+    }
+
+    /// Late chunking: the texts are concatenated (in order) into as few model-length windows as
+    /// they fit, each window runs once, and every text is pooled over its own tokens. A text too
+    /// long for a window alone is cut when `truncate`, an error otherwise.
+    pub fn prepare_late_chunks(&self, texts: &[String], truncate: bool) -> Result<Vec<EncodeItem>> {
+        let (bare, before, after) = self.tokenizer.encode_bare(texts)?;
+        let max = self.tokenizer.max_tokens();
+        let capacity = max.saturating_sub(before.len() + after.len()).max(1);
+        let mut windows = Vec::new();
+        let mut ids = before.clone();
+        let mut spans: Vec<Range<usize>> = Vec::new();
+        for (index, mut text_ids) in bare.into_iter().enumerate() {
+            if text_ids.len() > capacity {
+                if !truncate {
+                    return Err(RuntimeError::InputTooLong {
+                        index,
+                        tokens: text_ids.len() + before.len() + after.len(),
+                        max,
+                    });
+                }
+                text_ids.truncate(capacity);
+            }
+            if ids.len() - before.len() + text_ids.len() > capacity {
+                windows.push(close_window(ids, &after, std::mem::take(&mut spans)));
+                ids = before.clone();
+            }
+            spans.push(ids.len()..ids.len() + text_ids.len());
+            ids.extend(text_ids);
+        }
+        windows.push(close_window(ids, &after, spans));
+        Ok(windows)
+    }
+
+    /// Runs prepared items through the scheduler; one vector per text, in order.
+    pub async fn embed(&self, items: Vec<EncodeItem>) -> Result<Embedded> {
+        let tokens = items.iter().map(|i| i.sequence.len()).sum();
+        let outputs = self.scheduler.submit(items).await?;
+        Ok(Embedded {
+            vectors: outputs.into_iter().flatten().collect(),
+            tokens,
+        })
+    }
+}
+
+fn close_window(mut ids: Vec<u32>, after: &[u32], spans: Vec<Range<usize>>) -> EncodeItem {
+    ids.extend_from_slice(after);
+    let type_ids = vec![0; ids.len()];
+    EncodeItem {
+        sequence: TokenSequence { ids, type_ids },
+        spans: Some(spans),
+    }
+}
+
+/// One batch through the encoder and pooling; runs on the scheduler's worker thread.
+fn encode_batch(
+    encoder: &dyn Encoder,
+    pooling: Pooling,
+    pad_id: u32,
+    device: &Device,
+    items: &[&EncodeItem],
+) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
+    let sequences: Vec<&TokenSequence> = items.iter().map(|i| &i.sequence).collect();
+    let batch = Batch::new(&sequences, pad_id, device)?;
+    let hidden = encoder.forward(&batch)?;
+    let pooled = pooling
+        .pool(&hidden, &batch.attention_mask)?
+        .to_vec2::<f32>()?;
+    items
+        .iter()
+        .zip(pooled)
+        .enumerate()
+        .map(|(row, (item, whole))| match &item.spans {
+            None => Ok(vec![whole]),
+            Some(spans) => {
+                let tokens = hidden.get(row)?;
+                spans.iter().map(|s| mean_of_span(&tokens, s)).collect()
+            }
+        })
+        .collect()
+}
+
+fn mean_of_span(tokens: &Tensor, span: &Range<usize>) -> candle_core::Result<Vec<f32>> {
+    if span.is_empty() {
+        return Ok(vec![0.0; tokens.dim(1)?]);
+    }
+    tokens
+        .narrow(0, span.start, span.len())?
+        .to_dtype(DType::F32)?
+        .mean(0)?
+        .to_vec1()
+}

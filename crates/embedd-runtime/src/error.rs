@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+
+/// Everything the runtime can fail with. The server maps these to HTTP in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// An input is longer than the model takes and the caller did not ask for truncation.
+    #[error("input {index} has {tokens} tokens, more than the model's maximum of {max}")]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
+    /// The scheduler's queue is full; the caller should retry later.
+    #[error("the model's queue is full ({queued} items waiting); retry later")]
+    Overloaded { queued: usize },
+    #[error("the model worker has stopped")]
+    WorkerStopped,
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("model file {path}: {reason}")]
+    ModelFile { path: PathBuf, reason: String },
+    #[error("model config {path}: field `{field}`: {reason}")]
+    ModelConfig {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("hub: {0}")]
+    Hub(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("inference: {0}")]
+    Inference(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

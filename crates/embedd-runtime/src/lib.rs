@@ -1,0 +1,22 @@
+//! embedd's model runtime: model directories (local or from the hub), tokenization, candle encoders,
+//! pooling, devices, and the [`BatchScheduler`] every served model runs behind.
+//!
+//! Nothing here knows about HTTP. The server hands texts in and gets vectors back.
+
+pub mod batch;
+pub mod device;
+pub mod embedder;
+pub mod error;
+pub mod model_dir;
+pub mod models;
+pub mod pooling;
+pub mod scheduler;
+pub mod tokenize;
+
+pub use device::DeviceSpec;
+pub use embedder::{Embedded, TextEmbedder};
+pub use error::RuntimeError;
+pub use model_dir::{ModelDir, ModelSource};
+pub use pooling::Pooling;
+pub use scheduler::{BatchScheduler, SchedulerConfig};
+pub use tokenize::{TextTokenizer, TokenSequence};

@@ -1,0 +1,366 @@
+//! A model's files, from a local directory or the Hugging Face hub, and what its sentence-transformers
+//! metadata says about pooling, normalization and length.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Result, RuntimeError};
+use crate::pooling::Pooling;
+
+/// Where a model's files come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Local(PathBuf),
+    /// A hub repository id, optionally pinned (`org/name@revision`).
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// An existing directory is local; anything shaped like `org/name[@rev]` is a hub repository.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let path = Path::new(s);
+        if path.is_dir() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let (repo, revision) = match s.split_once('@') {
+            Some((r, rev)) => (r, Some(rev.to_string())),
+            None => (s, None),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        let looks_like_repo = matches!(parts.as_slice(), [o, n] if !o.is_empty() && !n.is_empty() && !o.starts_with('.'));
+        if looks_like_repo && !s.starts_with('/') {
+            Ok(Self::Hub {
+                repo: repo.to_string(),
+                revision,
+            })
+        } else {
+            Err(format!(
+                "'{s}' is neither an existing model directory nor a hub repository id (org/name)"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Hub {
+                repo,
+                revision: Some(r),
+            } => write!(f, "hf://{repo}@{r}"),
+            Self::Hub {
+                repo,
+                revision: None,
+            } => write!(f, "hf://{repo}"),
+        }
+    }
+}
+
+/// What sentence-transformers' own files say about the pipeline after the transformer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SentenceTransformersInfo {
+    pub pooling: Option<Pooling>,
+    /// A `Normalize` module ends the pipeline.
+    pub normalize: bool,
+    /// `max_seq_length` of `sentence_bert_config.json`.
+    pub max_seq_length: Option<usize>,
+}
+
+/// The files of one model, resolved to local paths.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub source: ModelSource,
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
+    pub weights: PathBuf,
+    pub sentence_transformers: SentenceTransformersInfo,
+    /// Extra files by relative name (a ColBERT projection, say), present when asked for and found.
+    pub extra: Vec<(String, PathBuf)>,
+}
+
+const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
+
+/// Fetches files by relative name from one place: a directory or a hub repository.
+trait FileSource {
+    fn fetch(&self, name: &str) -> Result<Option<PathBuf>>;
+    fn describe(&self) -> String;
+}
+
+struct LocalFiles(PathBuf);
+
+impl FileSource for LocalFiles {
+    fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
+        let path = self.0.join(name);
+        Ok(path.is_file().then_some(path))
+    }
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+struct HubFiles {
+    repo: hf_hub::Repo,
+    offline: bool,
+}
+
+impl FileSource for HubFiles {
+    fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
+        let cache = hf_hub::Cache::from_env();
+        if let Some(path) = cache.repo(self.repo.clone()).get(name) {
+            return Ok(Some(path));
+        }
+        if self.offline {
+            return Ok(None);
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(false)
+            .build()
+            .map_err(|e| RuntimeError::Hub(e.to_string()))?;
+        match api.repo(self.repo.clone()).get(name) {
+            Ok(path) => Ok(Some(path)),
+            Err(hf_hub::api::sync::ApiError::RequestError(e))
+                if matches!(*e, ureq::Error::Status(404, _)) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(RuntimeError::Hub(format!(
+                "{}: fetching {name}: {e}",
+                self.describe()
+            ))),
+        }
+    }
+    fn describe(&self) -> String {
+        format!("hf://{}", self.repo.url())
+    }
+}
+
+impl ModelDir {
+    /// Resolves every file the runtime needs; `extra` names optional files to look for too.
+    pub fn resolve(source: &ModelSource, extra: &[&str]) -> Result<Self> {
+        let files: Box<dyn FileSource> = match source {
+            ModelSource::Local(dir) => {
+                if !dir.is_dir() {
+                    return Err(RuntimeError::ModelFile {
+                        path: dir.clone(),
+                        reason: "not a directory".into(),
+                    });
+                }
+                Box::new(LocalFiles(dir.clone()))
+            }
+            ModelSource::Hub { repo, revision } => {
+                let repo = match revision {
+                    Some(r) => hf_hub::Repo::with_revision(
+                        repo.clone(),
+                        hf_hub::RepoType::Model,
+                        r.clone(),
+                    ),
+                    None => hf_hub::Repo::model(repo.clone()),
+                };
+                let offline = std::env::var("HF_HUB_OFFLINE")
+                    .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
+                Box::new(HubFiles { repo, offline })
+            }
+        };
+        let required = |name: &str| -> Result<PathBuf> {
+            files.fetch(name)?.ok_or_else(|| RuntimeError::ModelFile {
+                path: PathBuf::from(files.describe()).join(name),
+                reason: "required file is missing".into(),
+            })
+        };
+        let config = required("config.json")?;
+        let tokenizer = required("tokenizer.json")?;
+        let mut weights = None;
+        for name in WEIGHT_FILES {
+            if let Some(p) = files.fetch(name)? {
+                weights = Some(p);
+                break;
+            }
+        }
+        let weights = weights.ok_or_else(|| RuntimeError::ModelFile {
+            path: PathBuf::from(files.describe()),
+            reason: format!("no weights: expected one of {}", WEIGHT_FILES.join(", ")),
+        })?;
+        let sentence_transformers = read_sentence_transformers(files.as_ref())?;
+        let mut found = Vec::new();
+        for name in extra {
+            if let Some(p) = files.fetch(name)? {
+                found.push((name.to_string(), p));
+            }
+        }
+        Ok(Self {
+            source: source.clone(),
+            config,
+            tokenizer,
+            weights,
+            sentence_transformers,
+            extra: found,
+        })
+    }
+
+    pub fn read_config(&self) -> Result<Value> {
+        read_json(&self.config)
+    }
+
+    pub fn extra_file(&self, name: &str) -> Option<&Path> {
+        self.extra
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.as_path())
+    }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| RuntimeError::ModelFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| RuntimeError::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!("invalid JSON: {e}"),
+    })
+}
+
+#[derive(Deserialize)]
+struct ModuleEntry {
+    #[serde(default)]
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Reads `modules.json`, the pooling module's config and `sentence_bert_config.json` where present.
+fn read_sentence_transformers(files: &dyn FileSource) -> Result<SentenceTransformersInfo> {
+    let mut info = SentenceTransformersInfo::default();
+    if let Some(path) = files.fetch("sentence_bert_config.json")? {
+        info.max_seq_length = read_json(&path)?
+            .get("max_seq_length")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize);
+    }
+    let Some(modules_path) = files.fetch("modules.json")? else {
+        return Ok(info);
+    };
+    let modules: Vec<ModuleEntry> =
+        serde_json::from_value(read_json(&modules_path)?).map_err(|e| {
+            RuntimeError::ModelConfig {
+                path: modules_path.clone(),
+                field: "[]".into(),
+                reason: e.to_string(),
+            }
+        })?;
+    for module in modules {
+        let kind = module.kind.rsplit('.').next().unwrap_or_default();
+        match kind {
+            "Transformer" => {}
+            "Normalize" => info.normalize = true,
+            "Pooling" => {
+                let name = format!("{}/config.json", module.path.trim_end_matches('/'));
+                let path = files.fetch(&name)?.ok_or_else(|| RuntimeError::ModelFile {
+                    path: PathBuf::from(files.describe()).join(&name),
+                    reason: "modules.json names a Pooling module but its config is missing".into(),
+                })?;
+                info.pooling = Some(pooling_from_config(&path, &read_json(&path)?)?);
+            }
+            other => {
+                return Err(RuntimeError::ModelConfig {
+                    path: modules_path,
+                    field: "type".into(),
+                    reason: format!(
+                        "sentence-transformers module '{other}' ({}) is not supported",
+                        module.kind
+                    ),
+                })
+            }
+        }
+    }
+    Ok(info)
+}
+
+fn pooling_from_config(path: &Path, config: &Value) -> Result<Pooling> {
+    let flag = |k: &str| config.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let modes = [
+        ("pooling_mode_cls_token", Some(Pooling::Cls)),
+        ("pooling_mode_mean_tokens", Some(Pooling::Mean)),
+        ("pooling_mode_max_tokens", Some(Pooling::Max)),
+        ("pooling_mode_lasttoken", Some(Pooling::LastToken)),
+        ("pooling_mode_mean_sqrt_len_tokens", None),
+        ("pooling_mode_weightedmean_tokens", None),
+    ];
+    let enabled: Vec<_> = modes.iter().filter(|(k, _)| flag(k)).collect();
+    match enabled.as_slice() {
+        [(_, Some(p))] => Ok(*p),
+        [(k, None)] => Err(RuntimeError::ModelConfig {
+            path: path.to_path_buf(),
+            field: k.to_string(),
+            reason: "this pooling mode is not supported".into(),
+        }),
+        [] => Err(RuntimeError::ModelConfig {
+            path: path.to_path_buf(),
+            field: "pooling_mode_*".into(),
+            reason: "no pooling mode is enabled".into(),
+        }),
+        _ => Err(RuntimeError::ModelConfig {
+            path: path.to_path_buf(),
+            field: "pooling_mode_*".into(),
+            reason: "several pooling modes at once (concatenated) are not supported".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse_as_dir_or_repo() {
+        let dir = std::env::temp_dir();
+        assert_eq!(
+            ModelSource::parse(dir.to_str().unwrap()),
+            Ok(ModelSource::Local(dir.clone()))
+        );
+        assert_eq!(
+            ModelSource::parse("sentence-transformers/all-MiniLM-L6-v2"),
+            Ok(ModelSource::Hub {
+                repo: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                revision: None
+            })
+        );
+        assert_eq!(
+            ModelSource::parse("org/name@v2"),
+            Ok(ModelSource::Hub {
+                repo: "org/name".into(),
+                revision: Some("v2".into())
+            })
+        );
+        assert!(ModelSource::parse("/no/such/dir").is_err());
+        assert!(ModelSource::parse("just-a-name").is_err());
+    }
+
+    #[test]
+    fn pooling_config_maps_to_one_mode() {
+        let p = Path::new("x");
+        let cfg =
+            serde_json::json!({"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": false});
+        assert_eq!(pooling_from_config(p, &cfg).unwrap(), Pooling::Mean);
+        let cfg = serde_json::json!({"pooling_mode_mean_sqrt_len_tokens": true});
+        let err = pooling_from_config(p, &cfg).unwrap_err().to_string();
+        assert!(err.contains("pooling_mode_mean_sqrt_len_tokens"), "{err}");
+    }
+
+    #[test]
+    fn missing_files_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("embedd-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = ModelDir::resolve(&ModelSource::Local(dir.clone()), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

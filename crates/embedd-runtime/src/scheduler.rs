@@ -1,0 +1,424 @@
+//! The batching scheduler every served model runs behind.
+//!
+//! Requests submit lists of items (token sequences). One worker thread per model keeps a pool of
+//! pending items from all requests and packs them into batches: the oldest waiting item seeds each
+//! batch (so no request starves), and items of similar length join it while the padded batch stays
+//! under a token budget (so padding stays small). A large client request is thereby split across
+//! many batches and interleaved with the requests that arrive while it runs. Results go back to
+//! each request in its own order. Requests whose caller went away are dropped from the pool.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::error::{Result, RuntimeError};
+
+/// How batches are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Upper bound on `batch size x longest item` (padded tokens) per batch.
+    pub max_batch_tokens: usize,
+    /// Upper bound on items per batch.
+    pub max_batch_size: usize,
+    /// Items queued (not yet finished) across all requests before new requests are refused.
+    pub max_queued_items: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 16_384,
+            max_batch_size: 64,
+            max_queued_items: 65_536,
+        }
+    }
+}
+
+/// Anything the scheduler can batch: its cost is its length in tokens.
+pub trait TokenCost {
+    fn tokens(&self) -> usize;
+}
+
+impl TokenCost for crate::tokenize::TokenSequence {
+    fn tokens(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Runs one batch on the model; called on the worker thread only.
+pub type BatchFn<I, O> = Box<dyn FnMut(&[&I]) -> Result<Vec<O>> + Send>;
+
+type Reply<O> = oneshot::Sender<Result<Vec<O>>>;
+
+struct Job<I, O> {
+    items: Vec<I>,
+    reply: Reply<O>,
+}
+
+/// Handle to a model's worker thread. Cheap to share behind an `Arc`.
+pub struct BatchScheduler<I, O> {
+    sender: Option<SyncSender<Job<I, O>>>,
+    queued: Arc<AtomicUsize>,
+    config: SchedulerConfig,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
+    pub fn new(name: &str, config: SchedulerConfig, run: BatchFn<I, O>) -> Self {
+        // The channel only hands jobs to the worker; the item budget below is the real bound.
+        let (sender, receiver) = mpsc::sync_channel(1024);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let worker_queued = queued.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("embedd-model-{name}"))
+            .spawn(move || Worker::new(config, run, worker_queued).run(receiver))
+            .expect("spawning a thread at start-up");
+        Self {
+            sender: Some(sender),
+            queued,
+            config,
+            worker: Some(worker),
+        }
+    }
+
+    pub fn config(&self) -> SchedulerConfig {
+        self.config
+    }
+
+    /// Items waiting or running right now.
+    pub fn queued_items(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Queues `items` and waits for their outputs, in order. Dropping the future drops the work.
+    pub async fn submit(&self, items: Vec<I>) -> Result<Vec<O>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = items.len();
+        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        if before + n > self.config.max_queued_items && before > 0 {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return Err(RuntimeError::Overloaded { queued: before });
+        }
+        let (reply, receiver) = oneshot::channel();
+        let sender = self.sender.as_ref().ok_or(RuntimeError::WorkerStopped)?;
+        match sender.try_send(Job { items, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.queued.fetch_sub(n, Ordering::AcqRel);
+                return Err(RuntimeError::Overloaded { queued: before });
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(n, Ordering::AcqRel);
+                return Err(RuntimeError::WorkerStopped);
+            }
+        }
+        receiver.await.map_err(|_| RuntimeError::WorkerStopped)?
+    }
+}
+
+impl<I, O> Drop for BatchScheduler<I, O> {
+    fn drop(&mut self) {
+        // Closing the channel lets the worker finish what it holds and exit.
+        self.sender.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+struct PendingRequest<I, O> {
+    items: Vec<Option<I>>,
+    outputs: Vec<Option<O>>,
+    /// Index of the first item not yet handed to a batch (items are taken in any order, so this is
+    /// only where the search for this request's next seed starts).
+    next: usize,
+    unfinished: usize,
+    reply: Reply<O>,
+}
+
+struct Worker<I, O> {
+    config: SchedulerConfig,
+    run: BatchFn<I, O>,
+    queued: Arc<AtomicUsize>,
+    /// In arrival order: the front request is the oldest.
+    pending: VecDeque<PendingRequest<I, O>>,
+}
+
+impl<I: TokenCost, O> Worker<I, O> {
+    fn new(config: SchedulerConfig, run: BatchFn<I, O>, queued: Arc<AtomicUsize>) -> Self {
+        Self {
+            config,
+            run,
+            queued,
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn run(mut self, receiver: Receiver<Job<I, O>>) {
+        loop {
+            if self.pending.is_empty() {
+                match receiver.recv() {
+                    Ok(job) => self.accept(job),
+                    Err(_) => return,
+                }
+            }
+            // Take everything that arrived meanwhile so it can share the next batch.
+            loop {
+                match receiver.recv_timeout(Duration::ZERO) {
+                    Ok(job) => self.accept(job),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) if self.pending.is_empty() => return,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            self.drop_abandoned();
+            if let Some(batch) = self.next_batch() {
+                self.execute(batch);
+            }
+        }
+    }
+
+    fn accept(&mut self, job: Job<I, O>) {
+        let n = job.items.len();
+        self.pending.push_back(PendingRequest {
+            items: job.items.into_iter().map(Some).collect(),
+            outputs: (0..n).map(|_| None).collect(),
+            next: 0,
+            unfinished: n,
+            reply: job.reply,
+        });
+    }
+
+    fn drop_abandoned(&mut self) {
+        let queued = &self.queued;
+        self.pending.retain(|r| {
+            let keep = !r.reply.is_closed();
+            if !keep {
+                queued.fetch_sub(r.unfinished, Ordering::AcqRel);
+            }
+            keep
+        });
+    }
+
+    /// Picks (request, item) pairs for one batch: the oldest unscheduled item, then the items
+    /// closest to its length while the padded size fits the budget.
+    fn next_batch(&mut self) -> Option<Vec<(usize, usize)>> {
+        let (seed_req, seed_item) = self.pending.iter_mut().enumerate().find_map(|(r, req)| {
+            while req.next < req.items.len() && req.items[req.next].is_none() {
+                req.next += 1;
+            }
+            (req.next < req.items.len()).then_some((r, req.next))
+        })?;
+        let seed_len = self.len_of(seed_req, seed_item);
+        let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
+        for (r, req) in self.pending.iter().enumerate() {
+            for (i, item) in req.items.iter().enumerate().skip(req.next) {
+                if let Some(item) = item {
+                    if (r, i) != (seed_req, seed_item) {
+                        candidates.push((r, i, item.tokens().max(1)));
+                    }
+                }
+            }
+        }
+        candidates.sort_by_key(|&(r, i, len)| (len.abs_diff(seed_len), r, i));
+        let mut batch = vec![(seed_req, seed_item)];
+        let mut longest = seed_len;
+        for (r, i, len) in candidates {
+            if batch.len() >= self.config.max_batch_size {
+                break;
+            }
+            let padded = (batch.len() + 1) * longest.max(len);
+            if padded > self.config.max_batch_tokens {
+                // Candidates are sorted by distance, so a longer one later might still fit only if
+                // it is shorter than this; keep scanning for shorter items.
+                continue;
+            }
+            longest = longest.max(len);
+            batch.push((r, i));
+        }
+        Some(batch)
+    }
+
+    fn len_of(&self, r: usize, i: usize) -> usize {
+        self.pending[r].items[i]
+            .as_ref()
+            .map_or(1, |it| it.tokens().max(1))
+    }
+
+    fn execute(&mut self, batch: Vec<(usize, usize)>) {
+        let items: Vec<I> = batch
+            .iter()
+            .filter_map(|&(r, i)| self.pending[r].items[i].take())
+            .collect();
+        let refs: Vec<&I> = items.iter().collect();
+        match (self.run)(&refs) {
+            Ok(outputs) if outputs.len() == batch.len() => {
+                for (&(r, i), out) in batch.iter().zip(outputs) {
+                    let req = &mut self.pending[r];
+                    req.outputs[i] = Some(out);
+                    req.unfinished -= 1;
+                }
+                self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+                self.finish_completed();
+            }
+            Ok(outputs) => {
+                let msg = format!(
+                    "model returned {} outputs for {} inputs",
+                    outputs.len(),
+                    batch.len()
+                );
+                self.fail_requests(&batch, || {
+                    RuntimeError::Inference(candle_core::Error::Msg(msg.clone()))
+                });
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, "batch failed");
+                self.fail_requests(&batch, || {
+                    RuntimeError::Inference(candle_core::Error::Msg(msg.clone()))
+                });
+            }
+        }
+    }
+
+    fn finish_completed(&mut self) {
+        let mut r = 0;
+        while r < self.pending.len() {
+            if self.pending[r].unfinished == 0 {
+                if let Some(req) = self.pending.remove(r) {
+                    let outputs = req.outputs.into_iter().flatten().collect();
+                    let _ = req.reply.send(Ok(outputs));
+                }
+            } else {
+                r += 1;
+            }
+        }
+    }
+
+    fn fail_requests(&mut self, batch: &[(usize, usize)], error: impl Fn() -> RuntimeError) {
+        let mut failed: Vec<usize> = batch.iter().map(|&(r, _)| r).collect();
+        failed.sort_unstable();
+        failed.dedup();
+        for r in failed.into_iter().rev() {
+            if let Some(req) = self.pending.remove(r) {
+                self.queued.fetch_sub(req.unfinished, Ordering::AcqRel);
+                let _ = req.reply.send(Err(error()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Item(usize);
+    impl TokenCost for Item {
+        fn tokens(&self) -> usize {
+            self.0
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn outputs_come_back_in_request_order_under_the_budget() {
+        let batches = Arc::new(Mutex::new(Vec::<Vec<usize>>::new()));
+        let seen = batches.clone();
+        let config = SchedulerConfig {
+            max_batch_tokens: 40,
+            max_batch_size: 4,
+            max_queued_items: 1000,
+        };
+        let scheduler = BatchScheduler::new(
+            "t",
+            config,
+            Box::new(move |items: &[&Item]| {
+                seen.lock()
+                    .unwrap()
+                    .push(items.iter().map(|i| i.0).collect());
+                Ok(items.iter().map(|i| i.0 * 10).collect())
+            }),
+        );
+        let lens: Vec<usize> = vec![3, 20, 4, 19, 5, 2, 18, 1, 7];
+        let out = runtime()
+            .block_on(scheduler.submit(lens.iter().map(|&l| Item(l)).collect()))
+            .unwrap();
+        assert_eq!(out, lens.iter().map(|l| l * 10).collect::<Vec<_>>());
+        for batch in batches.lock().unwrap().iter() {
+            let longest = batch.iter().max().unwrap();
+            assert!(batch.len() * longest <= 40 || batch.len() == 1, "{batch:?}");
+            assert!(batch.len() <= 4);
+        }
+    }
+
+    #[test]
+    fn a_failing_batch_fails_its_request_and_the_worker_goes_on() {
+        let scheduler = BatchScheduler::new(
+            "t",
+            SchedulerConfig::default(),
+            Box::new(|items: &[&Item]| {
+                if items.iter().any(|i| i.0 == 13) {
+                    Err(RuntimeError::Tokenizer("unlucky".into()))
+                } else {
+                    Ok(items.iter().map(|i| i.0).collect())
+                }
+            }),
+        );
+        let rt = runtime();
+        let err = rt.block_on(scheduler.submit(vec![Item(13)])).unwrap_err();
+        assert!(err.to_string().contains("unlucky"));
+        assert_eq!(
+            rt.block_on(scheduler.submit(vec![Item(2)])).unwrap(),
+            vec![2]
+        );
+        assert_eq!(scheduler.queued_items(), 0);
+    }
+
+    #[test]
+    fn over_the_item_budget_is_refused_not_queued() {
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let worker_gate = gate.clone();
+        let scheduler = Arc::new(BatchScheduler::new(
+            "t",
+            SchedulerConfig {
+                max_batch_tokens: 100,
+                max_batch_size: 1,
+                max_queued_items: 3,
+            },
+            Box::new(move |items: &[&Item]| {
+                let _g = worker_gate.lock().unwrap();
+                Ok(items.iter().map(|i| i.0).collect())
+            }),
+        ));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = scheduler.clone();
+        let first = rt.spawn(async move { s.submit(vec![Item(1), Item(1), Item(1)]).await });
+        while scheduler.queued_items() < 3 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let err = rt.block_on(scheduler.submit(vec![Item(1)])).unwrap_err();
+        assert!(matches!(err, RuntimeError::Overloaded { .. }), "{err}");
+        drop(held);
+        assert_eq!(rt.block_on(first).unwrap().unwrap(), vec![1, 1, 1]);
+    }
+}

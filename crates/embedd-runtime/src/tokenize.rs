@@ -1,0 +1,125 @@
+//! Text to token ids with the model's own `tokenizer.json`; truncation and length checks are ours.
+
+use std::path::Path;
+
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::error::{Result, RuntimeError};
+
+/// One tokenized input, special tokens included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSequence {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+impl TokenSequence {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// A tokenizer that counts every input against `max_tokens` and truncates only when asked.
+pub struct TextTokenizer {
+    plain: Tokenizer,
+    truncating: Tokenizer,
+    max_tokens: usize,
+    pad_id: u32,
+}
+
+impl TextTokenizer {
+    pub fn from_file(path: &Path, max_tokens: usize) -> Result<Self> {
+        let mut plain = Tokenizer::from_file(path).map_err(|e| RuntimeError::ModelFile {
+            path: path.to_path_buf(),
+            reason: format!("cannot load tokenizer: {e}"),
+        })?;
+        // Whatever padding/truncation the file carries, batching and limits are the runtime's job.
+        plain.with_padding(None);
+        plain
+            .with_truncation(None)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        let mut truncating = plain.clone();
+        truncating
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        let pad_id = ["[PAD]", "<pad>", "<|endoftext|>"]
+            .iter()
+            .find_map(|t| plain.token_to_id(t))
+            .unwrap_or(0);
+        Ok(Self {
+            plain,
+            truncating,
+            max_tokens,
+            pad_id,
+        })
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// Tokenizes a batch of texts (in parallel). Without `truncate`, the first input over the
+    /// limit is an [`RuntimeError::InputTooLong`] naming its index.
+    pub fn encode_batch(&self, texts: &[String], truncate: bool) -> Result<Vec<TokenSequence>> {
+        let tokenizer = if truncate {
+            &self.truncating
+        } else {
+            &self.plain
+        };
+        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let encodings = tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        encodings
+            .into_iter()
+            .enumerate()
+            .map(|(index, e)| {
+                if e.len() > self.max_tokens {
+                    return Err(RuntimeError::InputTooLong {
+                        index,
+                        tokens: e.len(),
+                        max: self.max_tokens,
+                    });
+                }
+                Ok(TokenSequence {
+                    ids: e.get_ids().to_vec(),
+                    type_ids: e.get_type_ids().to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    /// Token ids of each text without special tokens, and the special tokens the model wraps a
+    /// single sequence in (before, after): what late chunking concatenates.
+    pub fn encode_bare(&self, texts: &[String]) -> Result<(Vec<Vec<u32>>, Vec<u32>, Vec<u32>)> {
+        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let bare = self
+            .plain
+            .encode_batch(inputs, false)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect();
+        let wrapped = self
+            .plain
+            .encode("", true)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        let specials = wrapped.get_ids();
+        // Single-sequence templates put one token before the text ([CLS] / <s>) and the rest after.
+        let (before, after) = specials.split_at(specials.len().min(1));
+        Ok((bare, before.to_vec(), after.to_vec()))
+    }
+}

@@ -1,0 +1,83 @@
+//! Command line and environment: every flag has an `EMBEDD_*` variable.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use embedd_runtime::DeviceSpec;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "embedd",
+    version,
+    about = "Self-hosted inference server speaking the Jina AI Search Foundation API"
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "EMBEDD_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long, short, env = "EMBEDD_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// A model to serve: `NAME` (from the catalog) or `NAME=SOURCE`, SOURCE a local directory or a
+    /// Hugging Face repository id (`org/name[@revision]`). Repeat, or separate with commas.
+    #[arg(
+        long = "model",
+        short,
+        env = "EMBEDD_MODELS",
+        value_delimiter = ',',
+        default_value = "all-MiniLM-L6-v2"
+    )]
+    pub models: Vec<String>,
+
+    /// A TOML file of extra catalog entries (same shape as models/catalog.toml).
+    #[arg(long, env = "EMBEDD_MODELS_FILE")]
+    pub models_file: Option<PathBuf>,
+
+    /// Where catalog models' local weights live (filled by models/fetch-weights).
+    #[arg(long, env = "EMBEDD_WEIGHTS_DIR", default_value = "models/weights")]
+    pub weights_dir: PathBuf,
+
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, env = "EMBEDD_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+
+    /// Directory for server state (bulk jobs and their files).
+    #[arg(long, env = "EMBEDD_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// API keys accepted as `Authorization: Bearer KEY`. Without any, the server is open.
+    #[arg(
+        long = "api-key",
+        env = "EMBEDD_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Largest request body accepted, in bytes (larger: 413).
+    #[arg(long, env = "EMBEDD_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most inputs one request may carry (more: 422). The server splits them into batches itself.
+    #[arg(long, env = "EMBEDD_MAX_CLIENT_BATCH_SIZE", default_value_t = 2048)]
+    pub max_client_batch_size: usize,
+
+    /// Token budget of one model batch (batch size x longest input).
+    #[arg(long, env = "EMBEDD_MAX_BATCH_TOKENS", default_value_t = 16_384)]
+    pub max_batch_tokens: usize,
+
+    /// Most inputs in one model batch.
+    #[arg(long, env = "EMBEDD_MAX_BATCH_SIZE", default_value_t = 64)]
+    pub max_batch_size: usize,
+
+    /// Inputs waiting per model before new requests get 429.
+    #[arg(long, env = "EMBEDD_MAX_QUEUED_INPUTS", default_value_t = 65_536)]
+    pub max_queued_inputs: usize,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "EMBEDD_JSON_LOGS")]
+    pub json_logs: bool,
+}

@@ -1,0 +1,74 @@
+//! The embedd HTTP server: configuration, model loading, the router.
+
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use embedd_runtime::embedder::EmbedderSpec;
+use embedd_runtime::{SchedulerConfig, TextEmbedder};
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::state::{AppState, Limits, ModelRegistry, ServedModel};
+
+/// Loads every configured model; any failure names the model and the file or field at fault.
+pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
+    let catalog = Catalog::load(config.models_file.as_deref())?;
+    let scheduler = SchedulerConfig {
+        max_batch_tokens: config.max_batch_tokens.max(1),
+        max_batch_size: config.max_batch_size.max(1),
+        max_queued_items: config.max_queued_inputs.max(1),
+    };
+    let mut registry = ModelRegistry::default();
+    for spec in &config.models {
+        let choice = catalog.resolve(spec, &config.weights_dir)?;
+        let started = Instant::now();
+        let model = match choice.kind.as_str() {
+            "embedding" => {
+                let embedder = TextEmbedder::load(&EmbedderSpec {
+                    name: choice.name.clone(),
+                    source: choice.source.clone(),
+                    pooling: choice.pooling,
+                    max_tokens: choice.max_tokens,
+                    device: config.device,
+                    scheduler,
+                })
+                .with_context(|| {
+                    format!("loading model '{}' from {}", choice.name, choice.source)
+                })?;
+                ServedModel::Embedding(Arc::new(embedder))
+            }
+            other => anyhow::bail!(
+                "model '{}': kind '{other}' is not served by this build yet",
+                choice.name
+            ),
+        };
+        tracing::info!(model = %choice.name, seconds = started.elapsed().as_secs_f64(), "model ready");
+        registry.insert(choice.name, model);
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    Ok(AppState {
+        models: Arc::new(registry),
+        api_keys: Arc::new(
+            config
+                .api_keys
+                .iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect(),
+        ),
+        limits: Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_client_batch_size: config.max_client_batch_size,
+        },
+    })
+}

@@ -1,0 +1,63 @@
+//! `POST /v1/embeddings`.
+
+use axum::extract::State;
+use axum::Json;
+use embedd_api::{EmbedRequest, EmbedResponse, ValidationError, ValidationErrors};
+
+use crate::error::ApiError;
+use crate::extract::JsonBody;
+use crate::state::AppState;
+
+/// Create embedding representations of the given input texts.
+#[utoipa::path(
+    post, path = "/v1/embeddings", tag = "embeddings",
+    request_body = EmbedRequest,
+    responses(
+        (status = 200, description = "Create embeddings", body = EmbedResponse),
+        (status = 422, description = "Validation Error", body = ValidationErrors),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<EmbedResponse>, ApiError> {
+    let request = EmbedRequest::from_json(&body)?;
+    let (model, capabilities) = state.models.embedder(&request.model)?;
+    request.check_against(&capabilities)?;
+    let max = state.limits.max_client_batch_size;
+    if request.input.len() > max {
+        return Err(ValidationErrors::single(ValidationError::value(
+            vec!["body".into(), "input".into()],
+            format!(
+                "{} inputs in one request; at most {max} are accepted",
+                request.input.len()
+            ),
+        ))
+        .into());
+    }
+
+    let texts = request.texts();
+    let (truncate, late_chunking) = (request.truncate, request.late_chunking);
+    let tokenizer_model = model.clone();
+    let items = tokio::task::spawn_blocking(move || {
+        if late_chunking {
+            tokenizer_model.prepare_late_chunks(&texts, truncate)
+        } else {
+            tokenizer_model.prepare(&texts, truncate)
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))?
+    .map_err(|e| ApiError::from_runtime(e, "input"))?;
+
+    let embedded = model
+        .embed(items)
+        .await
+        .map_err(|e| ApiError::from_runtime(e, "input"))?;
+    Ok(Json(EmbedResponse::new(
+        &request,
+        embedded.vectors,
+        embedded.tokens,
+    )))
+}

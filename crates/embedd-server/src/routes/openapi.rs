@@ -1,0 +1,51 @@
+//! `GET /openapi.json`, generated from the same types that parse requests.
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "embedd: the Jina Embedding Serving API",
+        description = "Self-hosted server for the Jina AI Search Foundation API (contract 0.0.89)."
+    ),
+    paths(
+        super::embeddings::create,
+        super::health::root,
+        super::health::health,
+        super::health::list_models,
+    ),
+    components(schemas(
+        embedd_api::EmbedRequest,
+        embedd_api::EmbedResponse,
+        embedd_api::EmbeddingObject,
+        embedd_api::Usage,
+        embedd_api::EncodingFormat,
+        embedd_api::EncodingSelection,
+        embedd_api::Task,
+        embedd_api::ValidationErrors,
+        embedd_api::ValidationError,
+        embedd_api::ErrorBody,
+        embedd_api::ModelList,
+        embedd_api::ModelCard,
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
