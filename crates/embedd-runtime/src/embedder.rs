@@ -12,7 +12,7 @@ use crate::model_dir::{ModelDir, ModelSource};
 use crate::models::{BertConfig, BertModel, Encoder};
 use crate::pooling::Pooling;
 use crate::scheduler::{BatchScheduler, SchedulerConfig, TokenCost};
-use crate::tokenize::{TextTokenizer, TokenSequence};
+use crate::tokenize::{BareEncoding, TextTokenizer, TokenSequence};
 
 /// What to load and how to serve it.
 #[derive(Debug, Clone)]
@@ -179,7 +179,11 @@ impl TextEmbedder {
     /// they fit, each window runs once, and every text is pooled over its own tokens. A text too
     /// long for a window alone is cut when `truncate`, an error otherwise.
     pub fn prepare_late_chunks(&self, texts: &[String], truncate: bool) -> Result<Vec<EncodeItem>> {
-        let (bare, before, after) = self.tokenizer.encode_bare(texts)?;
+        let BareEncoding {
+            texts: bare,
+            before,
+            after,
+        } = self.tokenizer.encode_bare(texts)?;
         let max = self.tokenizer.max_tokens();
         let capacity = max.saturating_sub(before.len() + after.len()).max(1);
         let mut windows = Vec::new();

@@ -23,6 +23,13 @@ impl TokenSequence {
     }
 }
 
+/// Texts tokenized without special tokens, and the specials that wrap one sequence.
+pub struct BareEncoding {
+    pub texts: Vec<Vec<u32>>,
+    pub before: Vec<u32>,
+    pub after: Vec<u32>,
+}
+
 /// A tokenizer that counts every input against `max_tokens` and truncates only when asked.
 pub struct TextTokenizer {
     plain: Tokenizer,
@@ -103,8 +110,8 @@ impl TextTokenizer {
     }
 
     /// Token ids of each text without special tokens, and the special tokens the model wraps a
-    /// single sequence in (before, after): what late chunking concatenates.
-    pub fn encode_bare(&self, texts: &[String]) -> Result<(Vec<Vec<u32>>, Vec<u32>, Vec<u32>)> {
+    /// single sequence in: what late chunking concatenates.
+    pub fn encode_bare(&self, texts: &[String]) -> Result<BareEncoding> {
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let bare = self
             .plain
@@ -120,6 +127,10 @@ impl TextTokenizer {
         let specials = wrapped.get_ids();
         // Single-sequence templates put one token before the text ([CLS] / <s>) and the rest after.
         let (before, after) = specials.split_at(specials.len().min(1));
-        Ok((bare, before.to_vec(), after.to_vec()))
+        Ok(BareEncoding {
+            texts: bare,
+            before: before.to_vec(),
+            after: after.to_vec(),
+        })
     }
 }

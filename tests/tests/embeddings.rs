@@ -1,0 +1,274 @@
+//! POST /v1/embeddings through the real binary: every input form, field, encoding and error.
+
+use base64::Engine;
+use embedd_blackbox::*;
+
+#[test]
+fn vectors_match_sentence_transformers_over_http() {
+    let server = Server::start(&[]);
+    let path = workspace().join("tests/fixtures/all-MiniLM-L6-v2.embeddings.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let resp = server.embed(fixture["texts"].clone(), json!({"truncate": true}));
+    let ours = vectors(&resp);
+    let theirs: Vec<Vec<f32>> = fixture["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    assert_eq!(ours.len(), theirs.len());
+    let mut worst = 1.0f64;
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        let c = cosine(a, b);
+        worst = worst.min(c);
+        assert!(c >= 0.9999, "input {i}: cosine {c}");
+        assert!((norm(a) - 1.0).abs() < 1e-5, "input {i} is not unit length");
+    }
+    eprintln!("worst cosine over {} inputs: {worst:.7}", ours.len());
+}
+
+#[test]
+fn every_input_form_gives_the_same_vectors_in_input_order() {
+    let server = Server::start(&[]);
+    let as_list = server.embed(json!(["first text", "second text"]), json!({}));
+    let data = as_list["data"].as_array().unwrap();
+    assert_eq!(as_list["object"], "list");
+    assert_eq!(as_list["model"], MODEL);
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d["object"], "embedding");
+        assert_eq!(d["index"], i);
+        assert_eq!(d["embedding"].as_array().unwrap().len(), 384);
+    }
+    let reference = vectors(&as_list);
+    let forms = [
+        json!([{"text": "first text"}, {"id": "x", "text": "second text"}]),
+        json!([{"text": "first text"}, "second text"]),
+    ];
+    for form in forms {
+        let v = vectors(&server.embed(form.clone(), json!({})));
+        for (a, b) in v.iter().zip(&reference) {
+            assert!(cosine(a, b) > 0.999999, "{form}");
+        }
+    }
+    for single in [json!("first text"), json!({"text": "first text"})] {
+        let v = vectors(&server.embed(single.clone(), json!({})));
+        assert_eq!(v.len(), 1);
+        assert!(cosine(&v[0], &reference[0]) > 0.999999, "{single}");
+    }
+    // Reversed order comes back reversed: data is in input order.
+    let v = vectors(&server.embed(json!(["second text", "first text"]), json!({})));
+    assert!(cosine(&v[0], &reference[1]) > 0.999999);
+    assert!(cosine(&v[1], &reference[0]) > 0.999999);
+}
+
+#[test]
+fn usage_counts_the_tokens_run() {
+    let server = Server::start(&[]);
+    // [CLS] hello world [SEP] = 4; [CLS] hi [SEP] = 3
+    let resp = server.embed(json!(["hello world", "hi"]), json!({}));
+    assert_eq!(resp["usage"], json!({"total_tokens": 7, "prompt_tokens": 7}));
+}
+
+#[test]
+fn all_encodings_under_all_three_field_names() {
+    let server = Server::start(&[]);
+    let float = vectors(&server.embed(json!(["encode me"]), json!({})))[0].clone();
+    for field in ["embedding_type", "encoding_type", "encoding_format"] {
+        let resp = server.embed(json!(["encode me"]), json!({ field: "base64" }));
+        let b64 = resp["data"][0]["embedding"].as_str().expect("base64 string");
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let decoded: Vec<f32> = bytes
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(decoded, float, "{field}");
+
+        let resp = server.embed(json!(["encode me"]), json!({ field: "ubinary" }));
+        let packed: Vec<u8> = resp["data"][0]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(packed.len(), 384 / 8, "{field}");
+        for (i, v) in float.iter().enumerate() {
+            let bit = packed[i / 8] >> (7 - i % 8) & 1;
+            assert_eq!(bit == 1, *v > 0.0, "{field} dim {i}");
+        }
+
+        let resp = server.embed(json!(["encode me"]), json!({ field: "binary" }));
+        let signed: Vec<i64> = resp["data"][0]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        let expected: Vec<i64> = packed.iter().map(|&b| b as i64 - 128).collect();
+        assert_eq!(signed, expected, "{field}");
+    }
+    let resp = server.embed(
+        json!(["encode me"]),
+        json!({"embedding_type": ["float", "base64", "binary", "ubinary"]}),
+    );
+    let e = &resp["data"][0]["embedding"];
+    for key in ["float", "base64", "binary", "ubinary"] {
+        assert!(!e[key].is_null(), "{key} missing from {e}");
+    }
+    assert_eq!(floats(&e["float"]), float);
+}
+
+#[test]
+fn normalized_and_dimensions_shape_the_vector() {
+    let server = Server::start(&[]);
+    let unit = vectors(&server.embed(json!(["shape me"]), json!({})))[0].clone();
+    assert!((norm(&unit) - 1.0).abs() < 1e-5);
+    let raw = vectors(&server.embed(json!(["shape me"]), json!({"normalized": false})))[0].clone();
+    assert!((norm(&raw) - 1.0).abs() > 1e-3, "mean pooling output is not unit length");
+    assert!(cosine(&raw, &unit) > 0.999999);
+
+    let short = vectors(&server.embed(json!(["shape me"]), json!({"dimensions": 64})))[0].clone();
+    assert_eq!(short.len(), 64);
+    assert!((norm(&short) - 1.0).abs() < 1e-5);
+    assert!(cosine(&short, &unit[..64]) > 0.999999);
+    let short_raw = vectors(&server.embed(
+        json!(["shape me"]),
+        json!({"dimensions": 64, "normalized": false}),
+    ))[0]
+        .clone();
+    assert_eq!(short_raw, raw[..64].to_vec());
+    // LangChain.js sends dimensions: 1024 to every model: more than the model has is the whole vector.
+    let whole = vectors(&server.embed(json!(["shape me"]), json!({"dimensions": 1024})))[0].clone();
+    assert_eq!(whole.len(), 384);
+}
+
+#[test]
+fn task_is_accepted_and_checked() {
+    let server = Server::start(&[]);
+    for task in ["retrieval.query", "retrieval.passage", "text-matching", "classification", "separation"] {
+        server.embed(json!(["a task"]), json!({ "task": task }));
+    }
+    let (status, body) = server.post(
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": "x", "task": "summarize"}),
+    );
+    assert_eq!(status, 422);
+    let (loc, kind, msg) = first_error(&body);
+    assert_eq!(loc, json!(["body", "task"]));
+    assert_eq!(kind, "literal_error");
+    assert!(msg.contains("'retrieval.query'"), "{msg}");
+}
+
+#[test]
+fn over_long_inputs_are_refused_unless_truncated() {
+    let server = Server::start(&[]);
+    let long = "token ".repeat(400);
+    let (status, body) = server.post(
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": ["short", long]}),
+    );
+    assert_eq!(status, 422, "{body}");
+    let (loc, kind, msg) = first_error(&body);
+    assert_eq!(loc, json!(["body", "input", 1]));
+    assert_eq!(kind, "value_error");
+    assert!(msg.contains("402 tokens") && msg.contains("256"), "{msg}");
+    let resp = server.embed(json!(["short", long]), json!({"truncate": true}));
+    assert_eq!(resp["data"].as_array().unwrap().len(), 2);
+    assert_eq!(resp["usage"]["total_tokens"], 3 + 256);
+}
+
+#[test]
+fn late_chunking_embeds_inputs_in_context() {
+    let server = Server::start(&[]);
+    let texts = json!(["Berlin is the capital of Germany.", "Its population is 3.8 million."]);
+    let late = vectors(&server.embed(texts.clone(), json!({"late_chunking": true})));
+    let plain = vectors(&server.embed(texts, json!({})));
+    assert_eq!(late.len(), 2);
+    assert!((norm(&late[1]) - 1.0).abs() < 1e-5);
+    let c = cosine(&late[1], &plain[1]);
+    assert!(c < 0.9999 && c > 0.3, "cosine {c}");
+}
+
+#[test]
+fn concurrent_requests_each_get_their_own_vectors() {
+    let server = Server::start(&["--max-batch-size", "4"]);
+    let texts: Vec<String> = (0..24).map(|i| format!("concurrent request number {i} {}", "pad ".repeat(i))).collect();
+    let expected = vectors(&server.embed(json!(texts), json!({})));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let server = &server;
+                let texts = &texts;
+                s.spawn(move || {
+                    let mine: Vec<String> = texts.iter().skip(t).step_by(8).cloned().collect();
+                    (t, vectors(&server.embed(json!(mine), json!({}))))
+                })
+            })
+            .collect();
+        for h in handles {
+            let (t, got) = h.join().unwrap();
+            for (k, v) in got.iter().enumerate() {
+                let c = cosine(v, &expected[t + 8 * k]);
+                assert!(c > 0.99999, "thread {t} item {k}: {c}");
+            }
+        }
+    });
+}
+
+#[test]
+fn invalid_bodies_get_fastapi_422s_naming_the_field() {
+    let server = Server::start(&[]);
+    let cases = [
+        (json!({"input": "x"}), json!(["body", "model"]), "missing"),
+        (json!({"model": MODEL}), json!(["body", "input"]), "missing"),
+        (json!({"model": MODEL, "input": []}), json!(["body", "input"]), "too_short"),
+        (json!({"model": MODEL, "input": 42}), json!(["body", "input"]), "union_type"),
+        (json!({"model": MODEL, "input": ["ok", 7]}), json!(["body", "input", 1]), "string_type"),
+        (json!({"model": MODEL, "input": [{"txt": "x"}]}), json!(["body", "input", 0]), "missing"),
+        (json!({"model": 5, "input": "x"}), json!(["body", "model"]), "string_type"),
+        (json!({"model": "nope", "input": "x"}), json!(["body", "model"]), "value_error"),
+        (json!({"model": MODEL, "input": "x", "encoding_format": "int8"}), json!(["body", "encoding_format"]), "literal_error"),
+        (json!({"model": MODEL, "input": "x", "embedding_type": ["float", "x"]}), json!(["body", "embedding_type", 1]), "literal_error"),
+        (json!({"model": MODEL, "input": "x", "dimensions": 0}), json!(["body", "dimensions"]), "greater_than_equal"),
+        (json!({"model": MODEL, "input": "x", "dimensions": "64"}), json!(["body", "dimensions"]), "int_type"),
+        (json!({"model": MODEL, "input": "x", "normalized": "yes"}), json!(["body", "normalized"]), "bool_type"),
+        (json!({"model": MODEL, "input": "x", "truncate": 1}), json!(["body", "truncate"]), "bool_type"),
+        (json!({"model": MODEL, "input": [{"url": "https://example.com/cat.png"}]}), json!(["body", "input", 0]), "value_error"),
+        (json!({"model": MODEL, "input": ["data:image/png;base64,iVBORw0KGgo="]}), json!(["body", "input", 0]), "value_error"),
+        (json!(["not", "an", "object"]), json!(["body"]), "model_attributes_type"),
+    ];
+    for (body, loc, kind) in cases {
+        let (status, resp) = server.post("/v1/embeddings", &body);
+        assert_eq!(status, 422, "{body} -> {resp}");
+        let (got_loc, got_kind, msg) = first_error(&resp);
+        assert_eq!((got_loc, got_kind.as_str()), (loc, kind), "{body} -> {resp}");
+        assert!(!msg.is_empty());
+    }
+    let (status, resp) = server.post("/v1/embeddings", &json!({"model": "nope", "input": "x"}));
+    assert_eq!(status, 422);
+    assert!(first_error(&resp).2.contains(MODEL), "lists the served models: {resp}");
+
+    let (status, resp) = server.post_raw("/v1/embeddings", "{\"model\": ");
+    assert_eq!(status, 422);
+    let (loc, kind, _) = first_error(&resp);
+    assert_eq!(kind, "json_invalid");
+    assert_eq!(loc[0], "body");
+}
+
+#[test]
+fn request_limits_are_4xx_with_a_detail() {
+    let server = Server::start(&["--max-client-batch-size", "3", "--max-body-bytes", "2000"]);
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": ["a", "b", "c", "d"]}),
+    );
+    assert_eq!(status, 422, "{resp}");
+    assert_eq!(first_error(&resp).0, json!(["body", "input"]));
+    assert!(first_error(&resp).2.contains("at most 3"), "{resp}");
+
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": "x".repeat(5000)}),
+    );
+    assert_eq!(status, 413);
+    assert!(resp["detail"].as_str().unwrap().contains("2000"), "{resp}");
+}

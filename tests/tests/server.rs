@@ -1,0 +1,124 @@
+//! Health, listing, OpenAPI, auth, routing errors and start-up failures through the real binary.
+
+use embedd_blackbox::*;
+
+#[test]
+fn health_routes_and_model_listing() {
+    let server = Server::start(&[]);
+    assert_eq!(server.get("/"), (200, json!({})));
+    let (status, health) = server.get("/health");
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["models"], json!([MODEL]));
+    let (status, models) = server.get("/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(models["object"], "list");
+    let card = &models["data"][0];
+    assert_eq!(card["id"], MODEL);
+    assert_eq!(card["kind"], "embedding");
+    assert_eq!(card["dimensions"], 384);
+    assert_eq!(card["max_input_tokens"], 256);
+}
+
+#[test]
+fn openapi_document_describes_the_served_routes() {
+    let server = Server::start(&[]);
+    let (status, doc) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(doc["paths"]["/v1/embeddings"]["post"].is_object());
+    assert!(doc["paths"]["/"]["get"].is_object());
+    let schemas = &doc["components"]["schemas"];
+    for name in ["EmbedRequest", "EmbedResponse", "ValidationErrors", "Usage"] {
+        assert!(schemas[name].is_object(), "{name} missing");
+    }
+    let props = &schemas["EmbedRequest"]["properties"];
+    for field in ["model", "input", "embedding_type", "task", "dimensions", "normalized", "truncate", "late_chunking"] {
+        assert!(props[field].is_object(), "EmbedRequest.{field} missing");
+    }
+}
+
+#[test]
+fn unknown_routes_and_methods_have_a_detail() {
+    let server = Server::start(&[]);
+    assert_eq!(server.get("/v2/nothing"), (404, json!({"detail": "Not Found"})));
+    let (status, body) = server.get("/v1/embeddings");
+    assert_eq!((status, body), (405, json!({"detail": "Method Not Allowed"})));
+}
+
+#[test]
+fn api_keys_guard_the_api_but_not_health() {
+    let server = Server::start(&["--api-key", "k1,k2"]);
+    let body = json!({"model": MODEL, "input": "secret"});
+    let send = |auth: Option<&str>| {
+        let mut req = server.client.post(server.url("/v1/embeddings")).json(&body);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().unwrap())
+    };
+    let (status, resp) = send(None);
+    assert_eq!(status, 401);
+    assert!(resp["detail"].is_string());
+    assert_eq!(send(Some("Bearer wrong")).0, 401);
+    assert_eq!(send(Some("k1")).0, 401, "the Bearer scheme is required");
+    assert_eq!(send(Some("Bearer k1")).0, 200);
+    assert_eq!(send(Some("Bearer k2")).0, 200);
+    assert_eq!(server.get("/").0, 200);
+    assert_eq!(server.get("/health").0, 200);
+    assert_eq!(server.get("/v1/models").0, 401);
+}
+
+#[test]
+fn an_open_server_ignores_whatever_key_clients_send() {
+    let server = Server::start(&[]);
+    let resp = server
+        .client
+        .post(server.url("/v1/embeddings"))
+        .header("authorization", "Bearer None")
+        .header("accept-encoding", "identity")
+        .json(&json!({"model": MODEL, "input": "x", "user": "someone"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+}
+
+#[test]
+fn start_up_failures_name_the_model_and_file() {
+    let err = Server::try_start(&["--model", "ghost=/definitely/not/here"]).err().unwrap();
+    assert!(err.contains("ghost") && err.contains("/definitely/not/here"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("embedd-broken-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(weights_dir().join(MODEL).join("config.json"), dir.join("config.json")).unwrap();
+    let spec = format!("broken={}", dir.display());
+    let err = Server::try_start(&["--model", &spec]).err().unwrap();
+    assert!(err.contains("tokenizer.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let err = Server::try_start(&["--model", "not-in-catalog"]).err().unwrap();
+    assert!(err.contains("not in the catalog"), "{err}");
+
+    let err = Server::try_start(&["--device", "cuda:0"]).err().unwrap();
+    assert!(err.contains("CUDA"), "{err}");
+}
+
+#[test]
+fn several_models_in_one_server() {
+    let dir = weights_dir().join(MODEL);
+    let second = format!("minilm-copy={}", dir.display());
+    let server = Server::start(&["--model", MODEL, "--model", &second]);
+    let (status, models) = server.get("/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(models["data"].as_array().unwrap().len(), 2);
+    let a = vectors(&server.embed(json!(["same text"]), json!({})));
+    let (status, b) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "minilm-copy", "input": ["same text"]}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(b["model"], "minilm-copy");
+    assert!(cosine(&a[0], &vectors(&b)[0]) > 0.999999);
+}
