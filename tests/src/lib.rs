@@ -54,11 +54,8 @@ impl Server {
 
     /// Starts the server; `Err` carries its output when it exits before listening.
     pub fn try_start(args: &[&str]) -> Result<Self, String> {
-        let data_dir = std::env::temp_dir().join(format!(
-            "embedd-test-{}-{}",
-            std::process::id(),
-            unique()
-        ));
+        let data_dir =
+            std::env::temp_dir().join(format!("embedd-test-{}-{}", std::process::id(), unique()));
         let mut child = Command::new(binary())
             .args(["--host", "127.0.0.1", "--port", "0"])
             .arg("--weights-dir")

@@ -66,7 +66,10 @@ fn usage_counts_the_tokens_run() {
     let server = Server::start(&[]);
     // [CLS] hello world [SEP] = 4; [CLS] hi [SEP] = 3
     let resp = server.embed(json!(["hello world", "hi"]), json!({}));
-    assert_eq!(resp["usage"], json!({"total_tokens": 7, "prompt_tokens": 7}));
+    assert_eq!(
+        resp["usage"],
+        json!({"total_tokens": 7, "prompt_tokens": 7})
+    );
 }
 
 #[test]
@@ -75,8 +78,12 @@ fn all_encodings_under_all_three_field_names() {
     let float = vectors(&server.embed(json!(["encode me"]), json!({})))[0].clone();
     for field in ["embedding_type", "encoding_type", "encoding_format"] {
         let resp = server.embed(json!(["encode me"]), json!({ field: "base64" }));
-        let b64 = resp["data"][0]["embedding"].as_str().expect("base64 string");
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let b64 = resp["data"][0]["embedding"]
+            .as_str()
+            .expect("base64 string");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
         let decoded: Vec<f32> = bytes
             .chunks(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -123,7 +130,10 @@ fn normalized_and_dimensions_shape_the_vector() {
     let unit = vectors(&server.embed(json!(["shape me"]), json!({})))[0].clone();
     assert!((norm(&unit) - 1.0).abs() < 1e-5);
     let raw = vectors(&server.embed(json!(["shape me"]), json!({"normalized": false})))[0].clone();
-    assert!((norm(&raw) - 1.0).abs() > 1e-3, "mean pooling output is not unit length");
+    assert!(
+        (norm(&raw) - 1.0).abs() > 1e-3,
+        "mean pooling output is not unit length"
+    );
     assert!(cosine(&raw, &unit) > 0.999999);
 
     let short = vectors(&server.embed(json!(["shape me"]), json!({"dimensions": 64})))[0].clone();
@@ -144,7 +154,13 @@ fn normalized_and_dimensions_shape_the_vector() {
 #[test]
 fn task_is_accepted_and_checked() {
     let server = Server::start(&[]);
-    for task in ["retrieval.query", "retrieval.passage", "text-matching", "classification", "separation"] {
+    for task in [
+        "retrieval.query",
+        "retrieval.passage",
+        "text-matching",
+        "classification",
+        "separation",
+    ] {
         server.embed(json!(["a task"]), json!({ "task": task }));
     }
     let (status, body) = server.post(
@@ -179,7 +195,10 @@ fn over_long_inputs_are_refused_unless_truncated() {
 #[test]
 fn late_chunking_embeds_inputs_in_context() {
     let server = Server::start(&[]);
-    let texts = json!(["Berlin is the capital of Germany.", "Its population is 3.8 million."]);
+    let texts = json!([
+        "Berlin is the capital of Germany.",
+        "Its population is 3.8 million."
+    ]);
     let late = vectors(&server.embed(texts.clone(), json!({"late_chunking": true})));
     let plain = vectors(&server.embed(texts, json!({})));
     assert_eq!(late.len(), 2);
@@ -191,7 +210,9 @@ fn late_chunking_embeds_inputs_in_context() {
 #[test]
 fn concurrent_requests_each_get_their_own_vectors() {
     let server = Server::start(&["--max-batch-size", "4"]);
-    let texts: Vec<String> = (0..24).map(|i| format!("concurrent request number {i} {}", "pad ".repeat(i))).collect();
+    let texts: Vec<String> = (0..24)
+        .map(|i| format!("concurrent request number {i} {}", "pad ".repeat(i)))
+        .collect();
     let expected = vectors(&server.embed(json!(texts), json!({})));
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
@@ -220,32 +241,99 @@ fn invalid_bodies_get_fastapi_422s_naming_the_field() {
     let cases = [
         (json!({"input": "x"}), json!(["body", "model"]), "missing"),
         (json!({"model": MODEL}), json!(["body", "input"]), "missing"),
-        (json!({"model": MODEL, "input": []}), json!(["body", "input"]), "too_short"),
-        (json!({"model": MODEL, "input": 42}), json!(["body", "input"]), "union_type"),
-        (json!({"model": MODEL, "input": ["ok", 7]}), json!(["body", "input", 1]), "string_type"),
-        (json!({"model": MODEL, "input": [{"txt": "x"}]}), json!(["body", "input", 0]), "missing"),
-        (json!({"model": 5, "input": "x"}), json!(["body", "model"]), "string_type"),
-        (json!({"model": "nope", "input": "x"}), json!(["body", "model"]), "value_error"),
-        (json!({"model": MODEL, "input": "x", "encoding_format": "int8"}), json!(["body", "encoding_format"]), "literal_error"),
-        (json!({"model": MODEL, "input": "x", "embedding_type": ["float", "x"]}), json!(["body", "embedding_type", 1]), "literal_error"),
-        (json!({"model": MODEL, "input": "x", "dimensions": 0}), json!(["body", "dimensions"]), "greater_than_equal"),
-        (json!({"model": MODEL, "input": "x", "dimensions": "64"}), json!(["body", "dimensions"]), "int_type"),
-        (json!({"model": MODEL, "input": "x", "normalized": "yes"}), json!(["body", "normalized"]), "bool_type"),
-        (json!({"model": MODEL, "input": "x", "truncate": 1}), json!(["body", "truncate"]), "bool_type"),
-        (json!({"model": MODEL, "input": [{"url": "https://example.com/cat.png"}]}), json!(["body", "input", 0]), "value_error"),
-        (json!({"model": MODEL, "input": ["data:image/png;base64,iVBORw0KGgo="]}), json!(["body", "input", 0]), "value_error"),
-        (json!(["not", "an", "object"]), json!(["body"]), "model_attributes_type"),
+        (
+            json!({"model": MODEL, "input": []}),
+            json!(["body", "input"]),
+            "too_short",
+        ),
+        (
+            json!({"model": MODEL, "input": 42}),
+            json!(["body", "input"]),
+            "union_type",
+        ),
+        (
+            json!({"model": MODEL, "input": ["ok", 7]}),
+            json!(["body", "input", 1]),
+            "string_type",
+        ),
+        (
+            json!({"model": MODEL, "input": [{"txt": "x"}]}),
+            json!(["body", "input", 0]),
+            "missing",
+        ),
+        (
+            json!({"model": 5, "input": "x"}),
+            json!(["body", "model"]),
+            "string_type",
+        ),
+        (
+            json!({"model": "nope", "input": "x"}),
+            json!(["body", "model"]),
+            "value_error",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "encoding_format": "int8"}),
+            json!(["body", "encoding_format"]),
+            "literal_error",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "embedding_type": ["float", "x"]}),
+            json!(["body", "embedding_type", 1]),
+            "literal_error",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "dimensions": 0}),
+            json!(["body", "dimensions"]),
+            "greater_than_equal",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "dimensions": "64"}),
+            json!(["body", "dimensions"]),
+            "int_type",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "normalized": "yes"}),
+            json!(["body", "normalized"]),
+            "bool_type",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "truncate": 1}),
+            json!(["body", "truncate"]),
+            "bool_type",
+        ),
+        (
+            json!({"model": MODEL, "input": [{"url": "https://example.com/cat.png"}]}),
+            json!(["body", "input", 0]),
+            "value_error",
+        ),
+        (
+            json!({"model": MODEL, "input": ["data:image/png;base64,iVBORw0KGgo="]}),
+            json!(["body", "input", 0]),
+            "value_error",
+        ),
+        (
+            json!(["not", "an", "object"]),
+            json!(["body"]),
+            "model_attributes_type",
+        ),
     ];
     for (body, loc, kind) in cases {
         let (status, resp) = server.post("/v1/embeddings", &body);
         assert_eq!(status, 422, "{body} -> {resp}");
         let (got_loc, got_kind, msg) = first_error(&resp);
-        assert_eq!((got_loc, got_kind.as_str()), (loc, kind), "{body} -> {resp}");
+        assert_eq!(
+            (got_loc, got_kind.as_str()),
+            (loc, kind),
+            "{body} -> {resp}"
+        );
         assert!(!msg.is_empty());
     }
     let (status, resp) = server.post("/v1/embeddings", &json!({"model": "nope", "input": "x"}));
     assert_eq!(status, 422);
-    assert!(first_error(&resp).2.contains(MODEL), "lists the served models: {resp}");
+    assert!(
+        first_error(&resp).2.contains(MODEL),
+        "lists the served models: {resp}"
+    );
 
     let (status, resp) = server.post_raw("/v1/embeddings", "{\"model\": ");
     assert_eq!(status, 422);

@@ -33,7 +33,16 @@ fn openapi_document_describes_the_served_routes() {
         assert!(schemas[name].is_object(), "{name} missing");
     }
     let props = &schemas["EmbedRequest"]["properties"];
-    for field in ["model", "input", "embedding_type", "task", "dimensions", "normalized", "truncate", "late_chunking"] {
+    for field in [
+        "model",
+        "input",
+        "embedding_type",
+        "task",
+        "dimensions",
+        "normalized",
+        "truncate",
+        "late_chunking",
+    ] {
         assert!(props[field].is_object(), "EmbedRequest.{field} missing");
     }
 }
@@ -41,9 +50,15 @@ fn openapi_document_describes_the_served_routes() {
 #[test]
 fn unknown_routes_and_methods_have_a_detail() {
     let server = Server::start(&[]);
-    assert_eq!(server.get("/v2/nothing"), (404, json!({"detail": "Not Found"})));
+    assert_eq!(
+        server.get("/v2/nothing"),
+        (404, json!({"detail": "Not Found"}))
+    );
     let (status, body) = server.get("/v1/embeddings");
-    assert_eq!((status, body), (405, json!({"detail": "Method Not Allowed"})));
+    assert_eq!(
+        (status, body),
+        (405, json!({"detail": "Method Not Allowed"}))
+    );
 }
 
 #[test]
@@ -87,18 +102,29 @@ fn an_open_server_ignores_whatever_key_clients_send() {
 
 #[test]
 fn start_up_failures_name_the_model_and_file() {
-    let err = Server::try_start(&["--model", "ghost=/definitely/not/here"]).err().unwrap();
-    assert!(err.contains("ghost") && err.contains("/definitely/not/here"), "{err}");
+    let err = Server::try_start(&["--model", "ghost=/definitely/not/here"])
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("ghost") && err.contains("/definitely/not/here"),
+        "{err}"
+    );
 
     let dir = std::env::temp_dir().join(format!("embedd-broken-model-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(weights_dir().join(MODEL).join("config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        weights_dir().join(MODEL).join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     let spec = format!("broken={}", dir.display());
     let err = Server::try_start(&["--model", &spec]).err().unwrap();
     assert!(err.contains("tokenizer.json"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 
-    let err = Server::try_start(&["--model", "not-in-catalog"]).err().unwrap();
+    let err = Server::try_start(&["--model", "not-in-catalog"])
+        .err()
+        .unwrap();
     assert!(err.contains("not in the catalog"), "{err}");
 
     let err = Server::try_start(&["--device", "cuda:0"]).err().unwrap();

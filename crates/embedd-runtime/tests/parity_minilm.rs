@@ -117,7 +117,11 @@ fn token_counts_and_length_limit_follow_the_tokenizer() {
     for (i, text) in texts(&f).iter().enumerate() {
         match model.prepare(std::slice::from_ref(text), false) {
             Ok(items) => assert_eq!(items[0].sequence.len(), counts[i], "text {i}"),
-            Err(RuntimeError::InputTooLong { index, tokens, max: m }) => {
+            Err(RuntimeError::InputTooLong {
+                index,
+                tokens,
+                max: m,
+            }) => {
                 assert_eq!((index, tokens, m), (0, counts[i], max), "text {i}");
                 assert!(counts[i] > max);
             }
@@ -131,10 +135,14 @@ fn token_counts_and_length_limit_follow_the_tokenizer() {
 #[test]
 fn late_chunking_pools_each_input_over_its_own_tokens() {
     let model = load(SchedulerConfig::default());
-    let texts: Vec<String> = ["Berlin is the capital of Germany.", "Its population is 3.8 million.", ""]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let texts: Vec<String> = [
+        "Berlin is the capital of Germany.",
+        "Its population is 3.8 million.",
+        "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let items = model.prepare_late_chunks(&texts, false).unwrap();
     assert_eq!(items.len(), 1, "short inputs share one window");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -146,13 +154,21 @@ fn late_chunking_pools_each_input_over_its_own_tokens() {
         .unwrap();
     let c = cosine(
         &late.vectors[1],
-        &alone.vectors[1].iter().map(|v| *v as f64).collect::<Vec<_>>(),
+        &alone.vectors[1]
+            .iter()
+            .map(|v| *v as f64)
+            .collect::<Vec<_>>(),
     );
     assert!(c < 0.9999 && c > 0.3, "cosine {c}");
-    assert!(late.vectors[2].iter().all(|v| *v == 0.0), "empty input has no tokens to pool");
+    assert!(
+        late.vectors[2].iter().all(|v| *v == 0.0),
+        "empty input has no tokens to pool"
+    );
 
     // Inputs beyond one window are split into several windows, each text kept whole.
-    let many: Vec<String> = (0..40).map(|i| format!("sentence number {i} about late chunking")).collect();
+    let many: Vec<String> = (0..40)
+        .map(|i| format!("sentence number {i} about late chunking"))
+        .collect();
     let items = model.prepare_late_chunks(&many, false).unwrap();
     assert!(items.len() > 1);
     assert!(items.iter().all(|i| i.sequence.len() <= model.max_tokens()));
