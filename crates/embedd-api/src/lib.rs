@@ -10,9 +10,11 @@ pub mod error;
 pub mod input;
 pub mod models;
 mod reader;
+pub mod rerank;
 
 pub use embeddings::{EmbedRequest, EmbedResponse, EmbeddingObject, Usage};
 pub use encoding::{EncodedVector, EncodingFormat, EncodingSelection};
 pub use error::{ErrorBody, LocItem, ValidationError, ValidationErrors};
 pub use input::{ImageSource, InputItem, Task};
 pub use models::{ModelCapabilities, ModelCard, ModelKind, ModelList};
+pub use rerank::{RerankDocument, RerankRequest, RerankResponse, RerankResult};

@@ -9,7 +9,7 @@ use crate::batch::Batch;
 use crate::device::DeviceSpec;
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::{ModelDir, ModelSource};
-use crate::models::{BertConfig, BertModel, Encoder};
+use crate::models::{open_weights, read_bert_config, weights_error, BertModel, Encoder};
 use crate::pooling::Pooling;
 use crate::scheduler::{BatchScheduler, SchedulerConfig, TokenCost};
 use crate::tokenize::{BareEncoding, TextTokenizer, TokenSequence};
@@ -56,46 +56,12 @@ pub struct TextEmbedder {
     pooling: Pooling,
 }
 
-/// Loads the encoder named by `config.json`'s `model_type`.
+/// Loads the encoder named by `config.json`'s `model_type`; returns it and its position limit.
 fn load_encoder(dir: &ModelDir, device: &Device) -> Result<(Box<dyn Encoder>, usize)> {
-    let raw = dir.read_config()?;
-    let model_type = raw
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("bert")
-        .to_string();
-    match model_type.as_str() {
-        "bert" | "roberta" | "xlm-roberta" | "camembert" => {
-            let config: BertConfig =
-                serde_json::from_value(raw).map_err(|e| RuntimeError::ModelConfig {
-                    path: dir.config.clone(),
-                    field: "(bert config)".into(),
-                    reason: e.to_string(),
-                })?;
-            if let Some(p) = config
-                .position_embedding_type
-                .as_deref()
-                .filter(|p| *p != "absolute")
-            {
-                return Err(RuntimeError::ModelConfig {
-                    path: dir.config.clone(),
-                    field: "position_embedding_type".into(),
-                    reason: format!("'{p}' is not supported (only 'absolute')"),
-                });
-            }
-            let vb = crate::models::bert::var_builder(&dir.weights, DType::F32, device)?;
-            let model = BertModel::load(vb, &config).map_err(|e| RuntimeError::ModelFile {
-                path: dir.weights.clone(),
-                reason: format!("weights do not match config.json: {e}"),
-            })?;
-            Ok((Box::new(model), config.max_tokens()))
-        }
-        other => Err(RuntimeError::ModelConfig {
-            path: dir.config.clone(),
-            field: "model_type".into(),
-            reason: format!("architecture '{other}' is not supported for embeddings"),
-        }),
-    }
+    let config = read_bert_config(dir)?;
+    let vb = open_weights(dir, device)?;
+    let model = BertModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
+    Ok((Box::new(model), config.max_tokens()))
 }
 
 impl TextEmbedder {

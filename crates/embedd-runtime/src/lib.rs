@@ -10,6 +10,7 @@ pub mod error;
 pub mod model_dir;
 pub mod models;
 pub mod pooling;
+pub mod reranker;
 pub mod scheduler;
 pub mod tokenize;
 
@@ -18,5 +19,6 @@ pub use embedder::{Embedded, TextEmbedder};
 pub use error::RuntimeError;
 pub use model_dir::{ModelDir, ModelSource};
 pub use pooling::Pooling;
+pub use reranker::{CrossEncoder, Scored};
 pub use scheduler::{BatchScheduler, SchedulerConfig};
 pub use tokenize::{TextTokenizer, TokenSequence};

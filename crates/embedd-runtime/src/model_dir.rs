@@ -203,6 +203,19 @@ impl ModelDir {
         })
     }
 
+    /// `architectures` of `config.json`: a `...ForSequenceClassification` checkpoint is a reranker.
+    pub fn is_sequence_classifier(&self) -> Result<bool> {
+        Ok(self
+            .read_config()?
+            .get("architectures")
+            .and_then(Value::as_array)
+            .is_some_and(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .any(|n| n.ends_with("ForSequenceClassification"))
+            }))
+    }
+
     pub fn read_config(&self) -> Result<Value> {
         read_json(&self.config)
     }

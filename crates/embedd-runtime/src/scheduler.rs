@@ -1,11 +1,13 @@
 //! The batching scheduler every served model runs behind.
 //!
 //! Requests submit lists of items (token sequences). One worker thread per model keeps a pool of
-//! pending items from all requests and packs them into batches: the oldest waiting item seeds each
-//! batch (so no request starves), and items of similar length join it while the padded batch stays
-//! under a token budget (so padding stays small). A large client request is thereby split across
-//! many batches and interleaved with the requests that arrive while it runs. Results go back to
-//! each request in its own order. Requests whose caller went away are dropped from the pool.
+//! pending items from all requests and packs them into batches: each batch is seeded by the
+//! request that has waited longest since it was last served (so a new small request waits at most
+//! one batch behind a large one), and items of similar length from every request join the seed
+//! while the padded batch stays under a token budget (so padding stays small). A large client
+//! request is thereby split across many batches and interleaved with the requests that arrive
+//! while it runs. Results go back to each request in its own order. Requests whose caller went
+//! away are dropped from the pool.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -140,6 +142,8 @@ struct PendingRequest<I, O> {
     /// only where the search for this request's next seed starts).
     next: usize,
     unfinished: usize,
+    /// The batch number that last took one of its items (0: never served).
+    served_at: u64,
     reply: Reply<O>,
 }
 
@@ -149,6 +153,7 @@ struct Worker<I, O> {
     queued: Arc<AtomicUsize>,
     /// In arrival order: the front request is the oldest.
     pending: VecDeque<PendingRequest<I, O>>,
+    batches_run: u64,
 }
 
 impl<I: TokenCost, O> Worker<I, O> {
@@ -158,6 +163,7 @@ impl<I: TokenCost, O> Worker<I, O> {
             run,
             queued,
             pending: VecDeque::new(),
+            batches_run: 0,
         }
     }
 
@@ -192,6 +198,7 @@ impl<I: TokenCost, O> Worker<I, O> {
             outputs: (0..n).map(|_| None).collect(),
             next: 0,
             unfinished: n,
+            served_at: 0,
             reply: job.reply,
         });
     }
@@ -207,15 +214,22 @@ impl<I: TokenCost, O> Worker<I, O> {
         });
     }
 
-    /// Picks (request, item) pairs for one batch: the oldest unscheduled item, then the items
-    /// closest to its length while the padded size fits the budget.
+    /// Picks (request, item) pairs for one batch: the next item of the request served least
+    /// recently (ties: the older request), then the items closest to its length while the padded
+    /// size fits the budget.
     fn next_batch(&mut self) -> Option<Vec<(usize, usize)>> {
-        let (seed_req, seed_item) = self.pending.iter_mut().enumerate().find_map(|(r, req)| {
+        for req in self.pending.iter_mut() {
             while req.next < req.items.len() && req.items[req.next].is_none() {
                 req.next += 1;
             }
-            (req.next < req.items.len()).then_some((r, req.next))
-        })?;
+        }
+        let (seed_req, seed_item) = self
+            .pending
+            .iter()
+            .enumerate()
+            .filter(|(_, req)| req.next < req.items.len())
+            .min_by_key(|(r, req)| (req.served_at, *r))
+            .map(|(r, req)| (r, req.next))?;
         let seed_len = self.len_of(seed_req, seed_item);
         let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
         for (r, req) in self.pending.iter().enumerate() {
@@ -253,6 +267,10 @@ impl<I: TokenCost, O> Worker<I, O> {
     }
 
     fn execute(&mut self, batch: Vec<(usize, usize)>) {
+        self.batches_run += 1;
+        for &(r, _) in &batch {
+            self.pending[r].served_at = self.batches_run;
+        }
         let items: Vec<I> = batch
             .iter()
             .filter_map(|&(r, i)| self.pending[r].items[i].take())
@@ -387,6 +405,57 @@ mod tests {
             vec![2]
         );
         assert_eq!(scheduler.queued_items(), 0);
+    }
+
+    #[test]
+    fn a_small_request_is_not_stuck_behind_a_large_one() {
+        let order = Arc::new(Mutex::new(Vec::<&'static str>::new()));
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let worker_gate = gate.clone();
+        let scheduler = Arc::new(BatchScheduler::new(
+            "t",
+            SchedulerConfig {
+                max_batch_tokens: 1000,
+                max_batch_size: 4,
+                max_queued_items: 1000,
+            },
+            Box::new(move |items: &[&Item]| {
+                let _g = worker_gate.lock().unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+                Ok(items.iter().map(|i| i.0).collect())
+            }),
+        ));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (s, o) = (scheduler.clone(), order.clone());
+        let large = rt.spawn(async move {
+            s.submit((0..200).map(|_| Item(10)).collect())
+                .await
+                .unwrap();
+            o.lock().unwrap().push("large");
+        });
+        while scheduler.queued_items() < 200 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (s, o) = (scheduler.clone(), order.clone());
+        let small = rt.spawn(async move {
+            // Same length as the large request's items: only fairness decides who goes first.
+            s.submit(vec![Item(10)]).await.unwrap();
+            o.lock().unwrap().push("small");
+        });
+        while scheduler.queued_items() < 201 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
+        rt.block_on(async {
+            large.await.unwrap();
+            small.await.unwrap();
+        });
+        assert_eq!(*order.lock().unwrap(), vec!["small", "large"]);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 use crate::error::{Result, RuntimeError};
 
@@ -34,6 +36,8 @@ pub struct BareEncoding {
 pub struct TextTokenizer {
     plain: Tokenizer,
     truncating: Tokenizer,
+    /// Cuts only the second text of a pair (the document), never the query.
+    pair_truncating: Tokenizer,
     max_tokens: usize,
     pad_id: u32,
 }
@@ -58,6 +62,15 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        let mut pair_truncating = plain.clone();
+        pair_truncating
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                strategy: TruncationStrategy::OnlySecond,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
         let pad_id = ["[PAD]", "<pad>", "<|endoftext|>"]
             .iter()
             .find_map(|t| plain.token_to_id(t))
@@ -65,6 +78,7 @@ impl TextTokenizer {
         Ok(Self {
             plain,
             truncating,
+            pair_truncating,
             max_tokens,
             pad_id,
         })
@@ -107,6 +121,41 @@ impl TextTokenizer {
                 })
             })
             .collect()
+    }
+
+    /// Tokenizes `(query, document)` pairs, documents cut to fit. A query that leaves no room for
+    /// a document is [`RuntimeError::QueryTooLong`].
+    pub fn encode_pairs(&self, query: &str, documents: &[String]) -> Result<Vec<TokenSequence>> {
+        let query_tokens = self
+            .plain
+            .encode(query, false)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?
+            .len();
+        let specials = self
+            .plain
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        if query_tokens + specials >= self.max_tokens {
+            return Err(RuntimeError::QueryTooLong {
+                tokens: query_tokens + specials,
+                max: self.max_tokens,
+            });
+        }
+        let pairs: Vec<(String, String)> = documents
+            .iter()
+            .map(|d| (query.to_string(), d.clone()))
+            .collect();
+        let encodings = self
+            .pair_truncating
+            .encode_batch(pairs, true)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| TokenSequence {
+                ids: e.get_ids().to_vec(),
+                type_ids: e.get_type_ids().to_vec(),
+            })
+            .collect())
     }
 
     /// Token ids of each text without special tokens, and the special tokens the model wraps a

@@ -45,7 +45,8 @@ pub struct Catalog {
 #[derive(Debug, Clone)]
 pub struct ModelChoice {
     pub name: String,
-    pub kind: String,
+    /// From the catalog; `None` for a model given only by its source (detected from its files).
+    pub kind: Option<String>,
     pub source: ModelSource,
     pub pooling: Option<Pooling>,
     pub max_tokens: Option<usize>,
@@ -107,7 +108,7 @@ impl Catalog {
             .map_err(err)?;
         Ok(ModelChoice {
             name: name.to_string(),
-            kind: entry.map_or("embedding".into(), |e| e.kind.clone()),
+            kind: entry.map(|e| e.kind.clone()),
             source,
             pooling,
             max_tokens: entry.and_then(|e| e.max_tokens),
@@ -172,7 +173,7 @@ mod tests {
         assert_eq!(choice.pooling, Some(Pooling::Mean));
         let choice = c.resolve("mine=org/model@main", &empty).unwrap();
         assert_eq!(choice.name, "mine");
-        assert_eq!(choice.kind, "embedding");
+        assert_eq!(choice.kind, None);
         let err = c.resolve("nope", &empty).unwrap_err().to_string();
         assert!(err.contains("not in the catalog"), "{err}");
     }

@@ -65,6 +65,10 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_MAX_CLIENT_BATCH_SIZE", default_value_t = 2048)]
     pub max_client_batch_size: usize,
 
+    /// Most documents one rerank request may carry (more: 422).
+    #[arg(long, env = "EMBEDD_MAX_RERANK_DOCUMENTS", default_value_t = 4096)]
+    pub max_rerank_documents: usize,
+
     /// Token budget of one model batch (batch size x longest input).
     #[arg(long, env = "EMBEDD_MAX_BATCH_TOKENS", default_value_t = 16_384)]
     pub max_batch_tokens: usize,

@@ -38,6 +38,11 @@ impl ApiError {
                 ))
                 .into()
             }
+            RuntimeError::QueryTooLong { .. } => ValidationErrors::single(ValidationError::value(
+                vec!["body".into(), "query".into()],
+                error.to_string(),
+            ))
+            .into(),
             RuntimeError::Overloaded { .. } => ApiError::Overloaded(error.to_string()),
             RuntimeError::WorkerStopped => ApiError::Unavailable(error.to_string()),
             other => {

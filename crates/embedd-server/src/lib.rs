@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use embedd_runtime::embedder::EmbedderSpec;
-use embedd_runtime::{SchedulerConfig, TextEmbedder};
+use embedd_runtime::reranker::RerankerSpec;
+use embedd_runtime::{CrossEncoder, ModelDir, ModelSource, SchedulerConfig, TextEmbedder};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -31,7 +32,25 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
     for spec in &config.models {
         let choice = catalog.resolve(spec, &config.weights_dir)?;
         let started = Instant::now();
-        let model = match choice.kind.as_str() {
+        let kind = match &choice.kind {
+            Some(k) => k.clone(),
+            None => detect_kind(&choice.source)
+                .with_context(|| format!("model '{}' from {}", choice.name, choice.source))?,
+        };
+        let model = match kind.as_str() {
+            "reranker" => {
+                let reranker = CrossEncoder::load(&RerankerSpec {
+                    name: choice.name.clone(),
+                    source: choice.source.clone(),
+                    max_tokens: choice.max_tokens,
+                    device: config.device,
+                    scheduler,
+                })
+                .with_context(|| {
+                    format!("loading reranker '{}' from {}", choice.name, choice.source)
+                })?;
+                ServedModel::Reranker(Arc::new(reranker))
+            }
             "embedding" => {
                 let embedder = TextEmbedder::load(&EmbedderSpec {
                     name: choice.name.clone(),
@@ -69,6 +88,17 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
         limits: Limits {
             max_body_bytes: config.max_body_bytes,
             max_client_batch_size: config.max_client_batch_size,
+            max_rerank_documents: config.max_rerank_documents,
         },
+    })
+}
+
+/// The kind of a model named only by its source: sequence-classification checkpoints are rerankers.
+fn detect_kind(source: &ModelSource) -> anyhow::Result<String> {
+    let dir = ModelDir::resolve(source, &[])?;
+    Ok(if dir.is_sequence_classifier()? {
+        "reranker".into()
+    } else {
+        "embedding".into()
     })
 }

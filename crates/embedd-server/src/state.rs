@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use embedd_api::{ModelCapabilities, ModelCard, ModelKind, ValidationError, ValidationErrors};
-use embedd_runtime::TextEmbedder;
+use embedd_runtime::{CrossEncoder, TextEmbedder};
 
 /// A loaded model, by the route family that serves it.
 #[derive(Clone)]
 pub enum ServedModel {
     Embedding(Arc<TextEmbedder>),
+    Reranker(Arc<CrossEncoder>),
 }
 
 impl ServedModel {
@@ -23,12 +24,21 @@ impl ServedModel {
                 accepts_images: false,
                 supports_late_chunking: true,
             },
+            ServedModel::Reranker(m) => ModelCapabilities {
+                name: m.name().to_string(),
+                kind: ModelKind::Reranker,
+                dimensions: 1,
+                max_input_tokens: m.max_tokens(),
+                accepts_images: false,
+                supports_late_chunking: false,
+            },
         }
     }
 
     pub fn card(&self) -> ModelCard {
         let source = match self {
             ServedModel::Embedding(m) => m.source().to_string(),
+            ServedModel::Reranker(m) => m.source().to_string(),
         };
         ModelCard::new(&self.capabilities(), source)
     }
@@ -61,16 +71,43 @@ impl ModelRegistry {
         })
     }
 
-    /// The embedding model a request names, checked for kind.
-    pub fn embedder(
-        &self,
-        name: &str,
-    ) -> Result<(Arc<TextEmbedder>, ModelCapabilities), ValidationErrors> {
+    /// The embedding model a request names. A model of another kind is refused by
+    /// `EmbedRequest::check_against`, which the caller runs on the capabilities first.
+    pub fn embedder(&self, name: &str) -> Result<Lookup<TextEmbedder>, ValidationErrors> {
         let model = self.get(name)?;
-        let caps = model.capabilities();
-        match model {
-            ServedModel::Embedding(m) => Ok((m.clone(), caps)),
-        }
+        Ok(Lookup {
+            capabilities: model.capabilities(),
+            model: match model {
+                ServedModel::Embedding(m) => Some(m.clone()),
+                _ => None,
+            },
+        })
+    }
+
+    /// The reranker a request names (see [`Self::embedder`]).
+    pub fn reranker(&self, name: &str) -> Result<Lookup<CrossEncoder>, ValidationErrors> {
+        let model = self.get(name)?;
+        Ok(Lookup {
+            capabilities: model.capabilities(),
+            model: match model {
+                ServedModel::Reranker(m) => Some(m.clone()),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// A named model's capabilities, and the model itself when it is of the kind asked for.
+pub struct Lookup<M> {
+    pub capabilities: ModelCapabilities,
+    pub model: Option<Arc<M>>,
+}
+
+impl<M> Lookup<M> {
+    /// The model, once the request was checked against `capabilities` (which refuses other kinds).
+    pub fn checked(self) -> Result<Arc<M>, crate::error::ApiError> {
+        self.model
+            .ok_or_else(|| crate::error::ApiError::Internal("model kind was not checked".into()))
     }
 }
 
@@ -78,6 +115,7 @@ impl ModelRegistry {
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_client_batch_size: usize,
+    pub max_rerank_documents: usize,
 }
 
 #[derive(Clone)]

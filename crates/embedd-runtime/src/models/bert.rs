@@ -64,6 +64,8 @@ struct BertEmbeddings {
     token_type: Embedding,
     layer_norm: LayerNorm,
     position_offset: usize,
+    /// XLM-RoBERTa has one token type; pair tokenizers may still emit type 1 for the second text.
+    single_token_type: bool,
 }
 
 impl BertEmbeddings {
@@ -83,6 +85,7 @@ impl BertEmbeddings {
             )?,
             layer_norm: layer_norm(vb.pp("LayerNorm"), h, config.layer_norm_eps)?,
             position_offset: config.position_offset(),
+            single_token_type: config.type_vocab_size == 1,
         })
     }
 
@@ -92,7 +95,12 @@ impl BertEmbeddings {
         // Right padding means every row's real tokens sit at positions 0..len; padded rows are masked.
         let positions = Tensor::arange(start, start + batch.max_len as u32, device)?;
         let words = self.word.forward(&batch.input_ids)?;
-        let types = self.token_type.forward(&batch.token_type_ids)?;
+        let types = if self.single_token_type {
+            self.token_type
+                .forward(&batch.token_type_ids.zeros_like()?)?
+        } else {
+            self.token_type.forward(&batch.token_type_ids)?
+        };
         let positions = self.position.forward(&positions)?;
         let x = (words + types)?.broadcast_add(&positions)?;
         self.layer_norm.forward(&x)
@@ -193,11 +201,10 @@ impl BertModel {
     /// Loads from a checkpoint whose tensors are at the root (`embeddings.*`, sentence-transformers
     /// exports) or under a model prefix (`bert.*`, `roberta.*`, as task heads save them).
     pub fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
-        let vb = ["bert", "roberta", "model"]
-            .iter()
-            .map(|p| vb.pp(*p))
-            .find(|v| v.contains_tensor("embeddings.word_embeddings.weight"))
-            .unwrap_or(vb);
+        let vb = match model_prefix(&vb) {
+            Some(prefix) => vb.pp(prefix),
+            None => vb,
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), config))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -223,6 +230,13 @@ impl Encoder for BertModel {
     fn hidden_size(&self) -> usize {
         self.hidden_size
     }
+}
+
+/// The prefix a task-head checkpoint stores the encoder under (`bert`, `roberta`), if any.
+pub(crate) fn model_prefix(vb: &VarBuilder) -> Option<&'static str> {
+    ["bert", "roberta", "model"]
+        .into_iter()
+        .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
 }
 
 /// `[batch, seq]` 1/0 mask to an additive `[batch, 1, 1, seq]` bias.

@@ -1,12 +1,71 @@
 //! Encoder architectures. Each takes a [`Batch`] and returns token vectors `[batch, seq, hidden]`.
 
 pub mod bert;
+pub mod classifier;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::batch::Batch;
+use crate::error::{Result, RuntimeError};
+use crate::model_dir::ModelDir;
 
 pub use bert::{BertConfig, BertModel};
+pub use classifier::{ScoreActivation, SequenceClassifier};
+
+/// Reads `config.json` as a BERT-family config, refusing what this family cannot run.
+pub fn read_bert_config(dir: &ModelDir) -> Result<BertConfig> {
+    let raw = dir.read_config()?;
+    let model_type = raw
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("bert")
+        .to_string();
+    if !matches!(
+        model_type.as_str(),
+        "bert" | "roberta" | "xlm-roberta" | "camembert"
+    ) {
+        return Err(RuntimeError::ModelConfig {
+            path: dir.config.clone(),
+            field: "model_type".into(),
+            reason: format!("architecture '{model_type}' is not supported yet"),
+        });
+    }
+    let config: BertConfig =
+        serde_json::from_value(raw).map_err(|e| RuntimeError::ModelConfig {
+            path: dir.config.clone(),
+            field: "(bert config)".into(),
+            reason: e.to_string(),
+        })?;
+    if let Some(p) = config
+        .position_embedding_type
+        .as_deref()
+        .filter(|p| *p != "absolute")
+    {
+        return Err(RuntimeError::ModelConfig {
+            path: dir.config.clone(),
+            field: "position_embedding_type".into(),
+            reason: format!("'{p}' is not supported (only 'absolute')"),
+        });
+    }
+    Ok(config)
+}
+
+/// The checkpoint's tensors on `device`, with load errors naming the weights file.
+pub fn open_weights(dir: &ModelDir, device: &Device) -> Result<VarBuilder<'static>> {
+    bert::var_builder(&dir.weights, DType::F32, device).map_err(|e| RuntimeError::ModelFile {
+        path: dir.weights.clone(),
+        reason: format!("cannot read weights: {e}"),
+    })
+}
+
+/// A weights/config mismatch, named by file.
+pub(crate) fn weights_error(dir: &ModelDir, e: candle_core::Error) -> RuntimeError {
+    RuntimeError::ModelFile {
+        path: dir.weights.clone(),
+        reason: format!("weights do not match config.json: {e}"),
+    }
+}
 
 pub trait Encoder: Send + Sync {
     fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor>;

@@ -23,8 +23,9 @@ pub async fn create(
     JsonBody(body): JsonBody,
 ) -> Result<Json<EmbedResponse>, ApiError> {
     let request = EmbedRequest::from_json(&body)?;
-    let (model, capabilities) = state.models.embedder(&request.model)?;
-    request.check_against(&capabilities)?;
+    let lookup = state.models.embedder(&request.model)?;
+    request.check_against(&lookup.capabilities)?;
+    let model = lookup.checked()?;
     let max = state.limits.max_client_batch_size;
     if request.input.len() > max {
         return Err(ValidationErrors::single(ValidationError::value(

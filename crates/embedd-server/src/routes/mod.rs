@@ -3,6 +3,7 @@
 pub mod embeddings;
 pub mod health;
 pub mod openapi;
+pub mod rerank;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -19,6 +20,7 @@ use crate::state::AppState;
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/rerank", post(rerank::rank))
         .route("/v1/models", get(health::list_models))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()

@@ -12,6 +12,7 @@ use utoipa::{Modify, OpenApi};
     ),
     paths(
         super::embeddings::create,
+        super::rerank::rank,
         super::health::root,
         super::health::health,
         super::health::list_models,
@@ -21,6 +22,9 @@ use utoipa::{Modify, OpenApi};
         embedd_api::EmbedResponse,
         embedd_api::EmbeddingObject,
         embedd_api::Usage,
+        embedd_api::RerankRequest,
+        embedd_api::RerankResponse,
+        embedd_api::RerankResult,
         embedd_api::EncodingFormat,
         embedd_api::EncodingSelection,
         embedd_api::Task,
