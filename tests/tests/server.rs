@@ -26,10 +26,30 @@ fn openapi_document_describes_the_served_routes() {
     let (status, doc) = server.get("/openapi.json");
     assert_eq!(status, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    assert!(doc["paths"]["/v1/embeddings"]["post"].is_object());
+    for path in [
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/v1/multi-vector",
+        "/v1/multi-embeddings",
+    ] {
+        assert!(doc["paths"][path]["post"].is_object(), "{path} missing");
+    }
+    assert_eq!(
+        doc["paths"]["/v1/multi-embeddings"]["post"]["deprecated"],
+        true
+    );
     assert!(doc["paths"]["/"]["get"].is_object());
     let schemas = &doc["components"]["schemas"];
-    for name in ["EmbedRequest", "EmbedResponse", "ValidationErrors", "Usage"] {
+    for name in [
+        "EmbedRequest",
+        "EmbedResponse",
+        "RerankRequest",
+        "RerankResponse",
+        "MultiVectorRequest",
+        "MultiVectorResponse",
+        "ValidationErrors",
+        "Usage",
+    ] {
         assert!(schemas[name].is_object(), "{name} missing");
     }
     let props = &schemas["EmbedRequest"]["properties"];

@@ -9,6 +9,7 @@ pub mod encoding;
 pub mod error;
 pub mod input;
 pub mod models;
+pub mod multi_vector;
 mod reader;
 pub mod rerank;
 
@@ -17,4 +18,5 @@ pub use encoding::{EncodedVector, EncodingFormat, EncodingSelection};
 pub use error::{ErrorBody, LocItem, ValidationError, ValidationErrors};
 pub use input::{ImageSource, InputItem, Task};
 pub use models::{ModelCapabilities, ModelCard, ModelKind, ModelList};
+pub use multi_vector::{InputType, MultiVectorObject, MultiVectorRequest, MultiVectorResponse};
 pub use rerank::{RerankDocument, RerankRequest, RerankResponse, RerankResult};

@@ -16,8 +16,21 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Every real token attended to.
     pub fn new(
         sequences: &[&TokenSequence],
+        pad_id: u32,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let attended: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        Self::with_attention(sequences, &attended, pad_id, device)
+    }
+
+    /// Only the first `attended[i]` positions of sequence `i` are attended to (ColBERT's [MASK]
+    /// query padding is input, but not attended).
+    pub fn with_attention(
+        sequences: &[&TokenSequence],
+        attended: &[usize],
         pad_id: u32,
         device: &Device,
     ) -> candle_core::Result<Self> {
@@ -26,14 +39,15 @@ impl Batch {
         let mut ids = Vec::with_capacity(n * max_len);
         let mut types = Vec::with_capacity(n * max_len);
         let mut mask = Vec::with_capacity(n * max_len);
-        for s in sequences {
+        for (s, &att) in sequences.iter().zip(attended) {
             let pad = max_len - s.len();
+            let att = att.min(s.len());
             ids.extend_from_slice(&s.ids);
             ids.extend(std::iter::repeat_n(pad_id, pad));
             types.extend_from_slice(&s.type_ids);
             types.extend(std::iter::repeat_n(0u32, pad));
-            mask.extend(std::iter::repeat_n(1f32, s.len()));
-            mask.extend(std::iter::repeat_n(0f32, pad));
+            mask.extend(std::iter::repeat_n(1f32, att));
+            mask.extend(std::iter::repeat_n(0f32, max_len - att));
         }
         Ok(Self {
             input_ids: Tensor::from_vec(ids, (n, max_len), device)?,

@@ -4,6 +4,7 @@
 //! Nothing here knows about HTTP. The server hands texts in and gets vectors back.
 
 pub mod batch;
+pub mod colbert;
 pub mod device;
 pub mod embedder;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod reranker;
 pub mod scheduler;
 pub mod tokenize;
 
+pub use colbert::{max_sim, ColbertModel, Side, TokenVectors};
 pub use device::DeviceSpec;
 pub use embedder::{Embedded, TextEmbedder};
 pub use error::RuntimeError;

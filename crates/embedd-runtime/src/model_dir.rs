@@ -203,17 +203,19 @@ impl ModelDir {
         })
     }
 
-    /// `architectures` of `config.json`: a `...ForSequenceClassification` checkpoint is a reranker.
-    pub fn is_sequence_classifier(&self) -> Result<bool> {
+    /// `architectures` of `config.json`.
+    pub fn architectures(&self) -> Result<Vec<String>> {
         Ok(self
             .read_config()?
             .get("architectures")
             .and_then(Value::as_array)
-            .is_some_and(|a| {
+            .map(|a| {
                 a.iter()
                     .filter_map(Value::as_str)
-                    .any(|n| n.ends_with("ForSequenceClassification"))
-            }))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     pub fn read_config(&self) -> Result<Value> {

@@ -92,6 +92,10 @@ impl TextTokenizer {
         self.pad_id
     }
 
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.plain.token_to_id(token)
+    }
+
     /// Tokenizes a batch of texts (in parallel). Without `truncate`, the first input over the
     /// limit is an [`RuntimeError::InputTooLong`] naming its index.
     pub fn encode_batch(&self, texts: &[String], truncate: bool) -> Result<Vec<TokenSequence>> {

@@ -12,9 +12,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use embedd_runtime::colbert::ColbertSpec;
 use embedd_runtime::embedder::EmbedderSpec;
 use embedd_runtime::reranker::RerankerSpec;
-use embedd_runtime::{CrossEncoder, ModelDir, ModelSource, SchedulerConfig, TextEmbedder};
+use embedd_runtime::{
+    ColbertModel, CrossEncoder, ModelDir, ModelSource, SchedulerConfig, TextEmbedder,
+};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -38,6 +41,21 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
                 .with_context(|| format!("model '{}' from {}", choice.name, choice.source))?,
         };
         let model = match kind.as_str() {
+            "multi-vector" => {
+                let colbert = ColbertModel::load(&ColbertSpec {
+                    name: choice.name.clone(),
+                    source: choice.source.clone(),
+                    device: config.device,
+                    scheduler,
+                })
+                .with_context(|| {
+                    format!(
+                        "loading ColBERT model '{}' from {}",
+                        choice.name, choice.source
+                    )
+                })?;
+                ServedModel::MultiVector(Arc::new(colbert))
+            }
             "reranker" => {
                 let reranker = CrossEncoder::load(&RerankerSpec {
                     name: choice.name.clone(),
@@ -93,12 +111,23 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
     })
 }
 
-/// The kind of a model named only by its source: sequence-classification checkpoints are rerankers.
+/// The kind of a model named only by its source: a ColBERT checkpoint (`artifact.metadata`, or
+/// the `HF_ColBERT` architecture) is multi-vector, a sequence classifier is a reranker.
 fn detect_kind(source: &ModelSource) -> anyhow::Result<String> {
-    let dir = ModelDir::resolve(source, &[])?;
-    Ok(if dir.is_sequence_classifier()? {
-        "reranker".into()
-    } else {
-        "embedding".into()
-    })
+    let dir = ModelDir::resolve(source, &["artifact.metadata"])?;
+    let architectures = dir.architectures()?;
+    Ok(
+        if dir.extra_file("artifact.metadata").is_some()
+            || architectures.iter().any(|a| a == "HF_ColBERT")
+        {
+            "multi-vector".into()
+        } else if architectures
+            .iter()
+            .any(|a| a.ends_with("ForSequenceClassification"))
+        {
+            "reranker".into()
+        } else {
+            "embedding".into()
+        },
+    )
 }

@@ -4,13 +4,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use embedd_api::{ModelCapabilities, ModelCard, ModelKind, ValidationError, ValidationErrors};
-use embedd_runtime::{CrossEncoder, TextEmbedder};
+use embedd_runtime::{ColbertModel, CrossEncoder, TextEmbedder};
 
 /// A loaded model, by the route family that serves it.
 #[derive(Clone)]
 pub enum ServedModel {
     Embedding(Arc<TextEmbedder>),
     Reranker(Arc<CrossEncoder>),
+    MultiVector(Arc<ColbertModel>),
 }
 
 impl ServedModel {
@@ -32,6 +33,14 @@ impl ServedModel {
                 accepts_images: false,
                 supports_late_chunking: false,
             },
+            ServedModel::MultiVector(m) => ModelCapabilities {
+                name: m.name().to_string(),
+                kind: ModelKind::MultiVector,
+                dimensions: m.dimensions(),
+                max_input_tokens: m.settings().doc_maxlen,
+                accepts_images: false,
+                supports_late_chunking: false,
+            },
         }
     }
 
@@ -39,6 +48,7 @@ impl ServedModel {
         let source = match self {
             ServedModel::Embedding(m) => m.source().to_string(),
             ServedModel::Reranker(m) => m.source().to_string(),
+            ServedModel::MultiVector(m) => m.source().to_string(),
         };
         ModelCard::new(&self.capabilities(), source)
     }
@@ -79,6 +89,18 @@ impl ModelRegistry {
             capabilities: model.capabilities(),
             model: match model {
                 ServedModel::Embedding(m) => Some(m.clone()),
+                _ => None,
+            },
+        })
+    }
+
+    /// The ColBERT model a request names (see [`Self::embedder`]).
+    pub fn colbert(&self, name: &str) -> Result<Lookup<ColbertModel>, ValidationErrors> {
+        let model = self.get(name)?;
+        Ok(Lookup {
+            capabilities: model.capabilities(),
+            model: match model {
+                ServedModel::MultiVector(m) => Some(m.clone()),
                 _ => None,
             },
         })

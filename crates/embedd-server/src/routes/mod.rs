@@ -2,6 +2,7 @@
 
 pub mod embeddings;
 pub mod health;
+pub mod multi_vector;
 pub mod openapi;
 pub mod rerank;
 
@@ -17,10 +18,17 @@ use tower_http::trace::TraceLayer;
 use crate::auth::require_key;
 use crate::state::AppState;
 
+// The deprecated alias is still served; `#[deprecated]` on it only marks it so in OpenAPI.
+#[allow(deprecated)]
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/rerank", post(rerank::rank))
+        .route("/v1/multi-vector", post(multi_vector::create))
+        .route(
+            "/v1/multi-embeddings",
+            post(multi_vector::create_deprecated),
+        )
         .route("/v1/models", get(health::list_models))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()

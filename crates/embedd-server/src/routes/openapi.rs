@@ -4,6 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+#[allow(deprecated)]
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -13,6 +14,8 @@ use utoipa::{Modify, OpenApi};
     paths(
         super::embeddings::create,
         super::rerank::rank,
+        super::multi_vector::create,
+        super::multi_vector::create_deprecated,
         super::health::root,
         super::health::health,
         super::health::list_models,
@@ -22,6 +25,10 @@ use utoipa::{Modify, OpenApi};
         embedd_api::EmbedResponse,
         embedd_api::EmbeddingObject,
         embedd_api::Usage,
+        embedd_api::MultiVectorRequest,
+        embedd_api::MultiVectorResponse,
+        embedd_api::MultiVectorObject,
+        embedd_api::InputType,
         embedd_api::RerankRequest,
         embedd_api::RerankResponse,
         embedd_api::RerankResult,
