@@ -44,6 +44,8 @@ pub struct Server {
     pub base: String,
     pub client: Client,
     data_dir: PathBuf,
+    /// The data dir belongs to the test (kept across restarts), not to this server.
+    keep_data: bool,
 }
 
 impl Server {
@@ -54,8 +56,33 @@ impl Server {
 
     /// Starts the server; `Err` carries its output when it exits before listening.
     pub fn try_start(args: &[&str]) -> Result<Self, String> {
-        let data_dir =
-            std::env::temp_dir().join(format!("embedd-test-{}-{}", std::process::id(), unique()));
+        Self::launch(&temp_dir("embedd-test"), false, args)
+    }
+
+    /// Starts on a data dir the test owns, so a later server can pick up its jobs.
+    pub fn start_with_data(data_dir: &std::path::Path, args: &[&str]) -> Self {
+        Self::launch(data_dir, true, args)
+            .unwrap_or_else(|log| panic!("server did not start:\n{log}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit (after a signal the test sent) and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn launch(data_dir: &std::path::Path, keep_data: bool, args: &[&str]) -> Result<Self, String> {
+        let data_dir = data_dir.to_path_buf();
         let mut child = Command::new(binary())
             .args(["--host", "127.0.0.1", "--port", "0"])
             .arg("--weights-dir")
@@ -88,6 +115,7 @@ impl Server {
                     .build()
                     .expect("http client"),
                 data_dir,
+                keep_data,
             }),
             Err(_) => {
                 let _ = child.kill();
@@ -147,7 +175,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if !self.keep_data {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 
@@ -156,6 +186,11 @@ fn read(resp: reqwest::blocking::Response) -> (u16, Value) {
     let text = resp.text().expect("body");
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, value)
+}
+
+/// A fresh directory path under the system temp dir.
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), unique()))
 }
 
 fn unique() -> u64 {

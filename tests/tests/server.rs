@@ -168,3 +168,27 @@ fn several_models_in_one_server() {
     assert_eq!(b["model"], "minilm-copy");
     assert!(cosine(&a[0], &vectors(&b)[0]) > 0.999999);
 }
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
+    let mut server = Server::start(&["--max-batch-size", "8"]);
+    let texts: Vec<String> = (0..600)
+        .map(|i| format!("a request still running when the signal comes, number {i}"))
+        .collect();
+    let (status, body) = std::thread::scope(|s| {
+        let request =
+            s.spawn(|| server.post("/v1/embeddings", &json!({"model": MODEL, "input": texts})));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::process::Command::new("kill")
+            .args(["-TERM", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        request.join().unwrap()
+    });
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 600);
+    assert_eq!(
+        server.wait_exit(std::time::Duration::from_secs(30)),
+        Some(0)
+    );
+}

@@ -4,6 +4,7 @@
 //! Nothing here knows about HTTP servers or models: handlers parse a JSON body with these types,
 //! check it against a model's [`ModelCapabilities`], and render the result.
 
+pub mod bulk;
 pub mod embeddings;
 pub mod encoding;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod multi_vector;
 mod reader;
 pub mod rerank;
 
+pub use bulk::{BulkJob, BulkJobStatus, DownloadResult};
 pub use embeddings::{EmbedRequest, EmbedResponse, EmbeddingObject, Usage};
 pub use encoding::{EncodedVector, EncodingFormat, EncodingSelection};
 pub use error::{ErrorBody, LocItem, ValidationError, ValidationErrors};

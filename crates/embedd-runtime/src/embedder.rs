@@ -11,7 +11,7 @@ use crate::error::{Result, RuntimeError};
 use crate::model_dir::{ModelDir, ModelSource};
 use crate::models::{open_weights, read_bert_config, weights_error, BertModel, Encoder};
 use crate::pooling::Pooling;
-use crate::scheduler::{BatchScheduler, SchedulerConfig, TokenCost};
+use crate::scheduler::{BatchScheduler, Priority, SchedulerConfig, TokenCost};
 use crate::tokenize::{BareEncoding, TextTokenizer, TokenSequence};
 
 /// What to load and how to serve it.
@@ -32,6 +32,8 @@ pub struct EmbedderSpec {
 pub struct EncodeItem {
     pub sequence: TokenSequence,
     pub spans: Option<Vec<Range<usize>>>,
+    /// The input was cut to the model's maximum length.
+    pub truncated: bool,
 }
 
 impl TokenCost for EncodeItem {
@@ -132,11 +134,12 @@ impl TextEmbedder {
     pub fn prepare(&self, texts: &[String], truncate: bool) -> Result<Vec<EncodeItem>> {
         Ok(self
             .tokenizer
-            .encode_batch(texts, truncate)?
+            .encode_batch_flagged(texts, truncate)?
             .into_iter()
-            .map(|sequence| EncodeItem {
+            .map(|(sequence, truncated)| EncodeItem {
                 sequence,
                 spans: None,
+                truncated,
             })
             .collect())
     }
@@ -155,8 +158,10 @@ impl TextEmbedder {
         let mut windows = Vec::new();
         let mut ids = before.clone();
         let mut spans: Vec<Range<usize>> = Vec::new();
+        let mut any_truncated = false;
         for (index, mut text_ids) in bare.into_iter().enumerate() {
             if text_ids.len() > capacity {
+                any_truncated = true;
                 if !truncate {
                     return Err(RuntimeError::InputTooLong {
                         index,
@@ -167,20 +172,31 @@ impl TextEmbedder {
                 text_ids.truncate(capacity);
             }
             if ids.len() - before.len() + text_ids.len() > capacity {
-                windows.push(close_window(ids, &after, std::mem::take(&mut spans)));
+                windows.push(close_window(
+                    ids,
+                    &after,
+                    std::mem::take(&mut spans),
+                    any_truncated,
+                ));
+                any_truncated = false;
                 ids = before.clone();
             }
             spans.push(ids.len()..ids.len() + text_ids.len());
             ids.extend(text_ids);
         }
-        windows.push(close_window(ids, &after, spans));
+        windows.push(close_window(ids, &after, spans, any_truncated));
         Ok(windows)
     }
 
     /// Runs prepared items through the scheduler; one vector per text, in order.
     pub async fn embed(&self, items: Vec<EncodeItem>) -> Result<Embedded> {
+        self.embed_with(items, Priority::Live).await
+    }
+
+    /// [`Self::embed`] at a given priority (bulk jobs run at [`Priority::Background`]).
+    pub async fn embed_with(&self, items: Vec<EncodeItem>, priority: Priority) -> Result<Embedded> {
         let tokens = items.iter().map(|i| i.sequence.len()).sum();
-        let outputs = self.scheduler.submit(items).await?;
+        let outputs = self.scheduler.submit_with(items, priority).await?;
         Ok(Embedded {
             vectors: outputs.into_iter().flatten().collect(),
             tokens,
@@ -188,12 +204,18 @@ impl TextEmbedder {
     }
 }
 
-fn close_window(mut ids: Vec<u32>, after: &[u32], spans: Vec<Range<usize>>) -> EncodeItem {
+fn close_window(
+    mut ids: Vec<u32>,
+    after: &[u32],
+    spans: Vec<Range<usize>>,
+    truncated: bool,
+) -> EncodeItem {
     ids.extend_from_slice(after);
     let type_ids = vec![0; ids.len()];
     EncodeItem {
         sequence: TokenSequence { ids, type_ids },
         spans: Some(spans),
+        truncated,
     }
 }
 

@@ -22,5 +22,5 @@ pub use error::RuntimeError;
 pub use model_dir::{ModelDir, ModelSource};
 pub use pooling::Pooling;
 pub use reranker::{CrossEncoder, Scored};
-pub use scheduler::{BatchScheduler, SchedulerConfig};
+pub use scheduler::{BatchScheduler, Priority, SchedulerConfig};
 pub use tokenize::{TextTokenizer, TokenSequence};

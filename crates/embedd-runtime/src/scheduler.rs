@@ -52,6 +52,14 @@ impl TokenCost for crate::tokenize::TokenSequence {
     }
 }
 
+/// Live requests are always batched before background work (bulk jobs), and the two never share
+/// a batch, so a running bulk job adds at most one batch of wait to a live request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    Live,
+    Background,
+}
+
 /// Runs one batch on the model; called on the worker thread only.
 pub type BatchFn<I, O> = Box<dyn FnMut(&[&I]) -> Result<Vec<O>> + Send>;
 
@@ -59,6 +67,7 @@ type Reply<O> = oneshot::Sender<Result<Vec<O>>>;
 
 struct Job<I, O> {
     items: Vec<I>,
+    priority: Priority,
     reply: Reply<O>,
 }
 
@@ -99,6 +108,11 @@ impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
 
     /// Queues `items` and waits for their outputs, in order. Dropping the future drops the work.
     pub async fn submit(&self, items: Vec<I>) -> Result<Vec<O>> {
+        self.submit_with(items, Priority::Live).await
+    }
+
+    /// [`Self::submit`] at a given priority.
+    pub async fn submit_with(&self, items: Vec<I>, priority: Priority) -> Result<Vec<O>> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -110,7 +124,11 @@ impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
         }
         let (reply, receiver) = oneshot::channel();
         let sender = self.sender.as_ref().ok_or(RuntimeError::WorkerStopped)?;
-        match sender.try_send(Job { items, reply }) {
+        match sender.try_send(Job {
+            items,
+            priority,
+            reply,
+        }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.queued.fetch_sub(n, Ordering::AcqRel);
@@ -144,6 +162,7 @@ struct PendingRequest<I, O> {
     unfinished: usize,
     /// The batch number that last took one of its items (0: never served).
     served_at: u64,
+    priority: Priority,
     reply: Reply<O>,
 }
 
@@ -199,6 +218,7 @@ impl<I: TokenCost, O> Worker<I, O> {
             next: 0,
             unfinished: n,
             served_at: 0,
+            priority: job.priority,
             reply: job.reply,
         });
     }
@@ -228,11 +248,15 @@ impl<I: TokenCost, O> Worker<I, O> {
             .iter()
             .enumerate()
             .filter(|(_, req)| req.next < req.items.len())
-            .min_by_key(|(r, req)| (req.served_at, *r))
+            .min_by_key(|(r, req)| (req.priority, req.served_at, *r))
             .map(|(r, req)| (r, req.next))?;
+        let priority = self.pending[seed_req].priority;
         let seed_len = self.len_of(seed_req, seed_item);
         let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
         for (r, req) in self.pending.iter().enumerate() {
+            if req.priority != priority {
+                continue;
+            }
             for (i, item) in req.items.iter().enumerate().skip(req.next) {
                 if let Some(item) = item {
                     if (r, i) != (seed_req, seed_item) {
@@ -456,6 +480,52 @@ mod tests {
             small.await.unwrap();
         });
         assert_eq!(*order.lock().unwrap(), vec!["small", "large"]);
+    }
+
+    #[test]
+    fn live_work_goes_before_background_work() {
+        let order = Arc::new(Mutex::new(Vec::<usize>::new()));
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let (seen, worker_gate) = (order.clone(), gate.clone());
+        let scheduler = Arc::new(BatchScheduler::new(
+            "t",
+            SchedulerConfig {
+                max_batch_tokens: 1000,
+                max_batch_size: 2,
+                max_queued_items: 1000,
+            },
+            Box::new(move |items: &[&Item]| {
+                let _g = worker_gate.lock().unwrap();
+                seen.lock().unwrap().extend(items.iter().map(|i| i.0));
+                Ok(items.iter().map(|i| i.0).collect())
+            }),
+        ));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = scheduler.clone();
+        let bulk = rt.spawn(async move {
+            s.submit_with((0..10).map(|_| Item(1)).collect(), Priority::Background)
+                .await
+        });
+        while scheduler.queued_items() < 10 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let s = scheduler.clone();
+        let live = rt.spawn(async move { s.submit(vec![Item(7), Item(7)]).await });
+        while scheduler.queued_items() < 12 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
+        rt.block_on(async {
+            live.await.unwrap().unwrap();
+            bulk.await.unwrap().unwrap();
+        });
+        // One background batch was already running; the live pair comes right after it, alone.
+        assert_eq!(order.lock().unwrap()[..4], [1, 1, 7, 7]);
     }
 
     #[test]

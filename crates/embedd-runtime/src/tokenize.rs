@@ -99,6 +99,19 @@ impl TextTokenizer {
     /// Tokenizes a batch of texts (in parallel). Without `truncate`, the first input over the
     /// limit is an [`RuntimeError::InputTooLong`] naming its index.
     pub fn encode_batch(&self, texts: &[String], truncate: bool) -> Result<Vec<TokenSequence>> {
+        Ok(self
+            .encode_batch_flagged(texts, truncate)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect())
+    }
+
+    /// [`Self::encode_batch`], with whether each input was cut.
+    pub fn encode_batch_flagged(
+        &self,
+        texts: &[String],
+        truncate: bool,
+    ) -> Result<Vec<(TokenSequence, bool)>> {
         let tokenizer = if truncate {
             &self.truncating
         } else {
@@ -119,10 +132,14 @@ impl TextTokenizer {
                         max: self.max_tokens,
                     });
                 }
-                Ok(TokenSequence {
-                    ids: e.get_ids().to_vec(),
-                    type_ids: e.get_type_ids().to_vec(),
-                })
+                let truncated = !e.get_overflowing().is_empty();
+                Ok((
+                    TokenSequence {
+                        ids: e.get_ids().to_vec(),
+                        type_ids: e.get_type_ids().to_vec(),
+                    },
+                    truncated,
+                ))
             })
             .collect()
     }

@@ -81,6 +81,30 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_MAX_QUEUED_INPUTS", default_value_t = 65_536)]
     pub max_queued_inputs: usize,
 
+    /// Largest bulk-embeddings upload, in bytes (larger: 413).
+    #[arg(long, env = "EMBEDD_MAX_UPLOAD_BYTES", default_value_t = 100 * 1024 * 1024)]
+    pub max_upload_bytes: usize,
+
+    /// Rows a bulk job embeds and commits at a time.
+    #[arg(long, env = "EMBEDD_BULK_CHUNK_ROWS", default_value_t = 256)]
+    pub bulk_chunk_rows: usize,
+
+    /// Finished bulk jobs and their files are deleted after this many hours.
+    #[arg(long, env = "EMBEDD_BULK_RETENTION_HOURS", default_value_t = 168)]
+    pub bulk_retention_hours: u64,
+
+    /// How long a bulk result download link stays valid, in seconds.
+    #[arg(long, env = "EMBEDD_DOWNLOAD_URL_TTL_SECS", default_value_t = 3600)]
+    pub download_url_ttl_secs: u64,
+
+    /// Base URL clients reach this server at, for download links (default: from the Host header).
+    #[arg(long, env = "EMBEDD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// On SIGTERM, how long in-flight requests and the bulk worker's chunk may take to finish.
+    #[arg(long, env = "EMBEDD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "EMBEDD_JSON_LOGS")]
     pub json_logs: bool,

@@ -17,6 +17,10 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     Overloaded(String),
     #[error("{0}")]
     Unavailable(String),
@@ -69,6 +73,8 @@ impl IntoResponse for ApiError {
                 detail(StatusCode::PAYLOAD_TOO_LARGE, self.to_string()).into_response()
             }
             ApiError::NotFound(m) => detail(StatusCode::NOT_FOUND, m).into_response(),
+            ApiError::Forbidden(m) => detail(StatusCode::FORBIDDEN, m).into_response(),
+            ApiError::Conflict(m) => detail(StatusCode::CONFLICT, m).into_response(),
             ApiError::Overloaded(m) => (
                 [(header::RETRY_AFTER, "1")],
                 detail(StatusCode::TOO_MANY_REQUESTS, m),

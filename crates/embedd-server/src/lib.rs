@@ -1,6 +1,7 @@
 //! The embedd HTTP server: configuration, model loading, the router.
 
 pub mod auth;
+pub mod bulk;
 pub mod catalog;
 pub mod config;
 pub mod error;
@@ -107,7 +108,9 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
             max_body_bytes: config.max_body_bytes,
             max_client_batch_size: config.max_client_batch_size,
             max_rerank_documents: config.max_rerank_documents,
+            max_upload_bytes: config.max_upload_bytes,
         },
+        bulk: Arc::new(bulk::BulkState::open(config)?),
     })
 }
 

@@ -1,4 +1,5 @@
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use clap::Parser;
@@ -28,12 +29,36 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
+    let worker = tokio::spawn(state.bulk.worker(state.models.clone()).run());
+    let stopping = state.bulk.stopping.clone();
     tracing::info!(%addr, "embedd listening");
     // Tests and supervisors read this line to learn the port when --port 0 is used.
     println!("embedd listening on http://{addr}");
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = signalled_tx.send(());
+    });
+    let server = tokio::spawn(async move { server.await });
+    // Once the signal arrives, in-flight requests and the worker's current chunk get `grace`.
+    let serve_result = tokio::select! {
+        result = server => result,
+        _ = async {
+            let _ = signalled_rx.await;
+            stopping.store(true, Ordering::Release);
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(seconds = grace.as_secs(), "grace period over: stopping with requests in flight");
+            return Ok(());
+        }
+    };
+    serve_result.context("server task")??;
+    stopping.store(true, Ordering::Release);
+    if tokio::time::timeout(grace, worker).await.is_err() {
+        tracing::warn!("the bulk worker did not stop within the grace period");
+    }
     tracing::info!("embedd stopped");
     Ok(())
 }

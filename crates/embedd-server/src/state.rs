@@ -138,6 +138,7 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_client_batch_size: usize,
     pub max_rerank_documents: usize,
+    pub max_upload_bytes: usize,
 }
 
 #[derive(Clone)]
@@ -145,4 +146,5 @@ pub struct AppState {
     pub models: Arc<ModelRegistry>,
     pub api_keys: Arc<Vec<String>>,
     pub limits: Limits,
+    pub bulk: Arc<crate::bulk::BulkState>,
 }

@@ -1,5 +1,6 @@
 //! The router: one module per route group.
 
+pub mod bulk;
 pub mod embeddings;
 pub mod health;
 pub mod multi_vector;
@@ -29,12 +30,23 @@ pub fn router(state: AppState) -> Router {
             "/v1/multi-embeddings",
             post(multi_vector::create_deprecated),
         )
+        .route(
+            "/v1/bulk-embeddings",
+            post(bulk::start).layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)),
+        )
+        .route("/v1/bulk-embeddings/{job_id}", get(bulk::status))
+        .route(
+            "/v1/bulk-embeddings/{job_id}/download-result",
+            post(bulk::download_link),
+        )
         .route("/v1/models", get(health::list_models))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/", get(health::root))
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi::document))
+        // Signed links work without the API key.
+        .route("/v1/bulk-embeddings/{job_id}/result", get(bulk::download))
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
