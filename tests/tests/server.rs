@@ -192,3 +192,73 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
         Some(0)
     );
 }
+
+#[test]
+fn metrics_report_traffic_queues_and_models() {
+    let server = Server::start(&[]);
+    server.embed(json!(["count these tokens"]), json!({}));
+    let (status, _) = server.post("/v1/embeddings", &json!({"model": "nope", "input": "x"}));
+    assert_eq!(status, 422);
+    let resp = server.client.get(server.url("/metrics")).send().unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = resp.text().unwrap();
+    for needle in [
+        r#"embedd_requests_total{route="/v1/embeddings",status="200"} 1"#,
+        r#"embedd_requests_total{route="/v1/embeddings",status="422"} 1"#,
+        r#"embedd_request_duration_seconds_bucket{route="/v1/embeddings""#,
+        r#"embedd_tokens_total{model="all-MiniLM-L6-v2",route="/v1/embeddings"} 6"#,
+        r#"embedd_queue_depth{model="all-MiniLM-L6-v2"} 0"#,
+        r#"embedd_batch_size_bucket{model="all-MiniLM-L6-v2""#,
+        r#"embedd_batch_tokens_count{model="all-MiniLM-L6-v2"} 1"#,
+        r#"embedd_bulk_jobs{status="waiting"} 0"#,
+        r#"embedd_model_load_seconds{model="all-MiniLM-L6-v2"}"#,
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[test]
+fn the_docs_page_renders_the_openapi_document_offline() {
+    let server = Server::start(&[]);
+    let resp = server.client.get(server.url("/docs")).send().unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let html = resp.text().unwrap();
+    assert!(html.contains("openapi.json"));
+    // Nothing is loaded from another host: no absolute URLs in src/href attributes.
+    for attr in [
+        "src=\"http",
+        "href=\"http",
+        "src='http",
+        "href='http",
+        "@import",
+    ] {
+        assert!(!html.contains(attr), "the page must work offline: {attr}");
+    }
+}
+
+#[test]
+fn the_healthcheck_subcommand_probes_the_server() {
+    let server = Server::start(&[]);
+    let port = server.base.rsplit(':').next().unwrap().to_string();
+    let ok = std::process::Command::new(binary())
+        .arg("healthcheck")
+        .env("EMBEDD_PORT", &port)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    drop(server);
+    let down = std::process::Command::new(binary())
+        .arg("healthcheck")
+        .env("EMBEDD_PORT", &port)
+        .status()
+        .unwrap();
+    assert!(!down.success());
+}

@@ -228,6 +228,11 @@ impl ColbertModel {
         &self.source
     }
 
+    /// Inputs waiting or running in this model's scheduler.
+    pub fn queued_items(&self) -> usize {
+        self.scheduler.queued_items()
+    }
+
     pub fn dimensions(&self) -> usize {
         self.dimensions
     }

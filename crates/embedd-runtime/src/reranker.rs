@@ -82,6 +82,11 @@ impl CrossEncoder {
         &self.source
     }
 
+    /// Inputs waiting or running in this model's scheduler.
+    pub fn queued_items(&self) -> usize {
+        self.scheduler.queued_items()
+    }
+
     pub fn max_tokens(&self) -> usize {
         self.tokenizer.max_tokens()
     }

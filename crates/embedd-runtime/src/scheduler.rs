@@ -29,6 +29,9 @@ pub struct SchedulerConfig {
     pub max_batch_size: usize,
     /// Items queued (not yet finished) across all requests before new requests are refused.
     pub max_queued_items: usize,
+    /// Upper bound on items per background batch: a live request arriving while one runs waits
+    /// for at most this much background work.
+    pub max_background_batch_size: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -37,6 +40,7 @@ impl Default for SchedulerConfig {
             max_batch_tokens: 16_384,
             max_batch_size: 64,
             max_queued_items: 65_536,
+            max_background_batch_size: 8,
         }
     }
 }
@@ -87,7 +91,10 @@ impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
         let worker_queued = queued.clone();
         let worker = std::thread::Builder::new()
             .name(format!("embedd-model-{name}"))
-            .spawn(move || Worker::new(config, run, worker_queued).run(receiver))
+            .spawn({
+                let name = name.to_string();
+                move || Worker::new(name, config, run, worker_queued).run(receiver)
+            })
             .expect("spawning a thread at start-up");
         Self {
             sender: Some(sender),
@@ -167,6 +174,8 @@ struct PendingRequest<I, O> {
 }
 
 struct Worker<I, O> {
+    /// The model's name, as the batch metrics label it.
+    name: String,
     config: SchedulerConfig,
     run: BatchFn<I, O>,
     queued: Arc<AtomicUsize>,
@@ -176,8 +185,14 @@ struct Worker<I, O> {
 }
 
 impl<I: TokenCost, O> Worker<I, O> {
-    fn new(config: SchedulerConfig, run: BatchFn<I, O>, queued: Arc<AtomicUsize>) -> Self {
+    fn new(
+        name: String,
+        config: SchedulerConfig,
+        run: BatchFn<I, O>,
+        queued: Arc<AtomicUsize>,
+    ) -> Self {
         Self {
+            name,
             config,
             run,
             queued,
@@ -266,10 +281,17 @@ impl<I: TokenCost, O> Worker<I, O> {
             }
         }
         candidates.sort_by_key(|&(r, i, len)| (len.abs_diff(seed_len), r, i));
+        let max_size = match priority {
+            Priority::Live => self.config.max_batch_size,
+            Priority::Background => self
+                .config
+                .max_background_batch_size
+                .clamp(1, self.config.max_batch_size.max(1)),
+        };
         let mut batch = vec![(seed_req, seed_item)];
         let mut longest = seed_len;
         for (r, i, len) in candidates {
-            if batch.len() >= self.config.max_batch_size {
+            if batch.len() >= max_size {
                 break;
             }
             let padded = (batch.len() + 1) * longest.max(len);
@@ -300,6 +322,11 @@ impl<I: TokenCost, O> Worker<I, O> {
             .filter_map(|&(r, i)| self.pending[r].items[i].take())
             .collect();
         let refs: Vec<&I> = items.iter().collect();
+        let longest = refs.iter().map(|i| i.tokens()).max().unwrap_or(0);
+        metrics::histogram!("embedd_batch_size", "model" => self.name.clone())
+            .record(refs.len() as f64);
+        metrics::histogram!("embedd_batch_tokens", "model" => self.name.clone())
+            .record((longest * refs.len()) as f64);
         match (self.run)(&refs) {
             Ok(outputs) if outputs.len() == batch.len() => {
                 for (&(r, i), out) in batch.iter().zip(outputs) {
@@ -385,6 +412,7 @@ mod tests {
             max_batch_tokens: 40,
             max_batch_size: 4,
             max_queued_items: 1000,
+            max_background_batch_size: 8,
         };
         let scheduler = BatchScheduler::new(
             "t",
@@ -443,6 +471,7 @@ mod tests {
                 max_batch_tokens: 1000,
                 max_batch_size: 4,
                 max_queued_items: 1000,
+                max_background_batch_size: 8,
             },
             Box::new(move |items: &[&Item]| {
                 let _g = worker_gate.lock().unwrap();
@@ -494,6 +523,7 @@ mod tests {
                 max_batch_tokens: 1000,
                 max_batch_size: 2,
                 max_queued_items: 1000,
+                max_background_batch_size: 8,
             },
             Box::new(move |items: &[&Item]| {
                 let _g = worker_gate.lock().unwrap();
@@ -539,6 +569,7 @@ mod tests {
                 max_batch_tokens: 100,
                 max_batch_size: 1,
                 max_queued_items: 3,
+                max_background_batch_size: 8,
             },
             Box::new(move |items: &[&Item]| {
                 let _g = worker_gate.lock().unwrap();

@@ -77,6 +77,10 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_MAX_BATCH_SIZE", default_value_t = 64)]
     pub max_batch_size: usize,
 
+    /// Most inputs in one background (bulk) batch; a live request waits behind at most one.
+    #[arg(long, env = "EMBEDD_MAX_BACKGROUND_BATCH_SIZE", default_value_t = 8)]
+    pub max_background_batch_size: usize,
+
     /// Inputs waiting per model before new requests get 429.
     #[arg(long, env = "EMBEDD_MAX_QUEUED_INPUTS", default_value_t = 65_536)]
     pub max_queued_inputs: usize,

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod metrics;
 pub mod routes;
 pub mod state;
 
@@ -26,11 +27,13 @@ use crate::state::{AppState, Limits, ModelRegistry, ServedModel};
 
 /// Loads every configured model; any failure names the model and the file or field at fault.
 pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
+    metrics::install();
     let catalog = Catalog::load(config.models_file.as_deref())?;
     let scheduler = SchedulerConfig {
         max_batch_tokens: config.max_batch_tokens.max(1),
         max_batch_size: config.max_batch_size.max(1),
         max_queued_items: config.max_queued_inputs.max(1),
+        max_background_batch_size: config.max_background_batch_size.max(1),
     };
     let mut registry = ModelRegistry::default();
     for spec in &config.models {
@@ -89,7 +92,9 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
                 choice.name
             ),
         };
-        tracing::info!(model = %choice.name, seconds = started.elapsed().as_secs_f64(), "model ready");
+        let seconds = started.elapsed().as_secs_f64();
+        ::metrics::gauge!("embedd_model_load_seconds", "model" => choice.name.clone()).set(seconds);
+        tracing::info!(model = %choice.name, seconds, "model ready");
         registry.insert(choice.name, model);
     }
     std::fs::create_dir_all(&config.data_dir)

@@ -17,8 +17,38 @@ fn init_logging(json: bool) {
     }
 }
 
+/// `embedd healthcheck`: GET /health on the configured port; exit 0 when it answers 200.
+/// The container image's HEALTHCHECK uses it, so the image needs no curl.
+async fn healthcheck(port: u16) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .context("connect timed out")??;
+    stream
+        .write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await?;
+    anyhow::ensure!(
+        head.ends_with(b"200"),
+        "unhealthy: {}",
+        String::from_utf8_lossy(&head)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        let port = std::env::var("EMBEDD_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(8080);
+        return healthcheck(port).await;
+    }
     let config = Config::parse();
     init_logging(config.json_logs);
     let load_config = config.clone();

@@ -64,6 +64,21 @@ impl ModelRegistry {
         self.models.insert(name, model);
     }
 
+    /// Inputs queued per model, for the metrics page.
+    pub fn queue_depths(&self) -> Vec<(String, usize)> {
+        self.models
+            .iter()
+            .map(|(name, m)| {
+                let queued = match m {
+                    ServedModel::Embedding(m) => m.queued_items(),
+                    ServedModel::Reranker(m) => m.queued_items(),
+                    ServedModel::MultiVector(m) => m.queued_items(),
+                };
+                (name.clone(), queued)
+            })
+            .collect()
+    }
+
     pub fn cards(&self) -> Vec<ModelCard> {
         self.models.values().map(ServedModel::card).collect()
     }

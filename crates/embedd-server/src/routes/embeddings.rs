@@ -56,6 +56,7 @@ pub async fn create(
         .embed(items)
         .await
         .map_err(|e| ApiError::from_runtime(e, "input"))?;
+    crate::metrics::record_tokens(&request.model, "/v1/embeddings", embedded.tokens);
     Ok(Json(EmbedResponse::new(
         &request,
         embedded.vectors,

@@ -45,9 +45,12 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(health::root))
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi::document))
+        .route("/docs", get(openapi::docs_page))
+        .route("/metrics", get(crate::metrics::render))
         // Signed links work without the API key.
         .route("/v1/bulk-embeddings/{job_id}/result", get(bulk::download))
         .merge(api)
+        .route_layer(middleware::from_fn(crate::metrics::track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))

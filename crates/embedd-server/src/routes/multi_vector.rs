@@ -67,6 +67,7 @@ async fn embed(
         .embed(items)
         .await
         .map_err(|e| ApiError::from_runtime(e, "input"))?;
+    crate::metrics::record_tokens(&request.model, "/v1/multi-vector", out.tokens);
     Ok(Json(MultiVectorResponse::new(
         &request,
         out.vectors,

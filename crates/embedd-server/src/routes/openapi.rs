@@ -66,3 +66,8 @@ impl Modify for BearerAuth {
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
+
+/// A browsable page rendered in the browser from `/openapi.json`; it loads nothing from elsewhere.
+pub async fn docs_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../assets/docs.html"))
+}

@@ -37,6 +37,7 @@ pub async fn rank(
         .score(pairs)
         .await
         .map_err(|e| ApiError::from_runtime(e, "documents"))?;
+    crate::metrics::record_tokens(&request.model, "/v1/rerank", scored.tokens);
     Ok(Json(RerankResponse::new(
         &request,
         &scored.scores,
