@@ -6,7 +6,7 @@ use utoipa::ToSchema;
 
 use crate::encoding::{EncodedEmbedding, EncodingSelection};
 use crate::error::{ValidationError, ValidationErrors};
-use crate::input::{parse_input, InputItem, Task};
+use crate::input::{image_errors, InputItem, Task};
 use crate::models::{ModelCapabilities, ModelKind};
 use crate::reader::{body_loc, FieldReader};
 
@@ -44,18 +44,8 @@ impl EmbedRequest {
             return Err(reader.errors);
         }
         let model = reader.required_str("model");
-        let input = reader.required("input").and_then(|value| {
-            parse_input(value, &body_loc("input"))
-                .map_err(|e| reader.errors.detail.extend(e.detail))
-                .ok()
-        });
-        let embedding_type = body
-            .as_object()
-            .map(EncodingSelection::from_body)
-            .transpose()
-            .map_err(|e| reader.errors.detail.extend(e.detail))
-            .ok()
-            .flatten();
+        let input = reader.input();
+        let embedding_type = reader.encoding();
         let task = reader
             .optional_literal("task", &Task::NAMES)
             .and_then(|t| Task::parse(&t));
@@ -83,34 +73,11 @@ impl EmbedRequest {
     /// Checks what depends on the model: its kind, image support, late chunking.
     pub fn check_against(&self, model: &ModelCapabilities) -> Result<(), ValidationErrors> {
         let mut errors = ValidationErrors::default();
-        if model.kind != ModelKind::Embedding {
-            errors.push(ValidationError::value(
-                body_loc("model"),
-                format!(
-                    "model '{}' is a {} model, served on {}",
-                    model.name,
-                    serde_json::to_value(model.kind)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
-                    model.kind.route()
-                ),
-            ));
-        }
+        errors
+            .detail
+            .extend(model.expect_kind(ModelKind::Embedding));
         if !model.accepts_images {
-            for (i, item) in self.input.iter().enumerate() {
-                if matches!(item, InputItem::Image(_)) {
-                    let mut loc = body_loc("input");
-                    loc.push(i.into());
-                    errors.push(ValidationError::value(
-                        loc,
-                        format!(
-                            "model '{}' embeds text only; image inputs need an image model",
-                            model.name
-                        ),
-                    ));
-                }
-            }
+            errors.detail.extend(image_errors(&self.input, &model.name));
         }
         if self.late_chunking && !model.supports_late_chunking {
             errors.push(ValidationError::value(

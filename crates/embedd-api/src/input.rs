@@ -81,6 +81,21 @@ impl Task {
     }
 }
 
+/// A 422 for each image input sent to a model that embeds text only.
+pub fn image_errors(items: &[InputItem], model: &str) -> Vec<ValidationError> {
+    items
+        .iter()
+        .enumerate()
+        .filter(|(_, item)| matches!(item, InputItem::Image(_)))
+        .map(|(i, _)| {
+            ValidationError::value(
+                vec!["body".into(), "input".into(), i.into()],
+                format!("model '{model}' embeds text only; image inputs need an image model"),
+            )
+        })
+        .collect()
+}
+
 const INPUT_SHAPE: &str =
     "Input should be a string, a {text} or image document, or a non-empty list of them";
 const ITEM_SHAPE: &str =

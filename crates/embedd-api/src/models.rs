@@ -16,6 +16,14 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Embedding => "embedding",
+            ModelKind::Reranker => "reranker",
+            ModelKind::MultiVector => "multi-vector",
+        }
+    }
+
     pub fn route(self) -> &'static str {
         match self {
             ModelKind::Embedding => "/v1/embeddings",
@@ -36,6 +44,23 @@ pub struct ModelCapabilities {
     pub max_input_tokens: usize,
     pub accepts_images: bool,
     pub supports_late_chunking: bool,
+}
+
+impl ModelCapabilities {
+    /// A 422 on `model` when the named model serves another route than the one called.
+    pub fn expect_kind(&self, kind: ModelKind) -> Option<crate::ValidationError> {
+        (self.kind != kind).then(|| {
+            crate::ValidationError::value(
+                vec!["body".into(), "model".into()],
+                format!(
+                    "model '{}' is a {} model, served on {}",
+                    self.name,
+                    self.kind.as_str(),
+                    self.kind.route()
+                ),
+            )
+        })
+    }
 }
 
 /// One entry of `GET /v1/models`, in the OpenAI list shape with embedd's details added.

@@ -8,10 +8,10 @@ use utoipa::ToSchema;
 
 use crate::embeddings::{l2_normalize, Usage};
 use crate::encoding::{EncodedVector, EncodingSelection};
-use crate::error::{ValidationError, ValidationErrors};
-use crate::input::{parse_input, InputItem};
+use crate::error::ValidationErrors;
+use crate::input::{image_errors, InputItem};
 use crate::models::{ModelCapabilities, ModelKind};
-use crate::reader::{body_loc, FieldReader};
+use crate::reader::FieldReader;
 
 /// Which side of late interaction the inputs are: queries are padded with [MASK] to the model's
 /// query length, documents are not padded and skip punctuation.
@@ -46,11 +46,7 @@ impl MultiVectorRequest {
             return Err(reader.errors);
         }
         let model = reader.required_str("model");
-        let input = reader.required("input").and_then(|value| {
-            parse_input(value, &body_loc("input"))
-                .map_err(|e| reader.errors.detail.extend(e.detail))
-                .ok()
-        });
+        let input = reader.input();
         let input_type = match reader
             .optional_literal("input_type", &["query", "document"])
             .as_deref()
@@ -58,13 +54,7 @@ impl MultiVectorRequest {
             Some("query") => InputType::Query,
             _ => InputType::Document,
         };
-        let embedding_type = body
-            .as_object()
-            .map(EncodingSelection::from_body)
-            .transpose()
-            .map_err(|e| reader.errors.detail.extend(e.detail))
-            .ok()
-            .flatten();
+        let embedding_type = reader.encoding();
         let dimensions = reader.optional_int("dimensions", 1).map(|d| d as usize);
         let errors = reader.errors;
         match (model, input, embedding_type) {
@@ -81,26 +71,10 @@ impl MultiVectorRequest {
 
     pub fn check_against(&self, model: &ModelCapabilities) -> Result<(), ValidationErrors> {
         let mut errors = ValidationErrors::default();
-        if model.kind != ModelKind::MultiVector {
-            errors.push(ValidationError::value(
-                body_loc("model"),
-                format!(
-                    "model '{}' is not a multi-vector (ColBERT) model; it is served on {}",
-                    model.name,
-                    model.kind.route()
-                ),
-            ));
-        }
-        for (i, item) in self.input.iter().enumerate() {
-            if matches!(item, InputItem::Image(_)) {
-                let mut loc = body_loc("input");
-                loc.push(i.into());
-                errors.push(ValidationError::value(
-                    loc,
-                    format!("model '{}' embeds text only", model.name),
-                ));
-            }
-        }
+        errors
+            .detail
+            .extend(model.expect_kind(ModelKind::MultiVector));
+        errors.detail.extend(image_errors(&self.input, &model.name));
         errors.into_result(())
     }
 
@@ -186,6 +160,7 @@ impl MultiVectorResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reader::body_loc;
     use serde_json::json;
 
     #[test]

@@ -3,7 +3,9 @@
 
 use serde_json::{Map, Value};
 
+use crate::encoding::EncodingSelection;
 use crate::error::{LocItem, ValidationError, ValidationErrors};
+use crate::input::{parse_input, InputItem};
 
 pub(crate) struct FieldReader<'a> {
     object: Option<&'a Map<String, Value>>,
@@ -105,6 +107,29 @@ impl<'a> FieldReader<'a> {
             Some(s) if allowed.contains(&s) => Some(s.to_string()),
             _ => {
                 self.errors.push(literal_error(loc, allowed));
+                None
+            }
+        }
+    }
+
+    /// The output format, from whichever of the three field names the body uses.
+    pub(crate) fn encoding(&mut self) -> Option<EncodingSelection> {
+        match EncodingSelection::from_body(self.object?) {
+            Ok(selection) => Some(selection),
+            Err(e) => {
+                self.errors.detail.extend(e.detail);
+                None
+            }
+        }
+    }
+
+    /// `input` in any of its client forms.
+    pub(crate) fn input(&mut self) -> Option<Vec<InputItem>> {
+        let value = self.required("input")?;
+        match parse_input(value, &body_loc("input")) {
+            Ok(items) => Some(items),
+            Err(e) => {
+                self.errors.detail.extend(e.detail);
                 None
             }
         }

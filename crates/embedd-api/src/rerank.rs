@@ -77,16 +77,7 @@ impl RerankRequest {
         max_documents: usize,
     ) -> Result<(), ValidationErrors> {
         let mut errors = ValidationErrors::default();
-        if model.kind != ModelKind::Reranker {
-            errors.push(ValidationError::value(
-                body_loc("model"),
-                format!(
-                    "model '{}' is not a reranker; it is served on {}",
-                    model.name,
-                    model.kind.route()
-                ),
-            ));
-        }
+        errors.detail.extend(model.expect_kind(ModelKind::Reranker));
         if self.documents.len() > max_documents {
             errors.push(ValidationError::value(
                 body_loc("documents"),
