@@ -1,5 +1,7 @@
-//! BERT-family encoders: BERT, MiniLM, and RoBERTa / XLM-RoBERTa (the same blocks with position ids
-//! offset past the padding index). Post-layer-norm blocks, absolute position embeddings.
+//! BERT-family encoders: BERT, MiniLM, RoBERTa / XLM-RoBERTa (the same blocks with position ids
+//! offset past the padding index), and JinaBERT (jina-embeddings-v2, jina-reranker-v1,
+//! jina-colbert-v1: no position embeddings but an ALiBi attention bias, and a gated GELU
+//! feed-forward). Post-layer-norm blocks throughout.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
@@ -39,6 +41,9 @@ pub struct BertConfig {
     pub model_type: Option<String>,
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// JinaBERT's gated feed-forward (`geglu`); absent for BERT's plain one.
+    #[serde(default)]
+    pub feed_forward_type: Option<String>,
 }
 
 impl BertConfig {
@@ -52,15 +57,25 @@ impl BertConfig {
         }
     }
 
-    /// How many tokens fit the position table.
+    /// How many tokens fit the position table (for ALiBi: the length the model was built for).
     pub fn max_tokens(&self) -> usize {
         self.max_position_embeddings - self.position_offset()
+    }
+
+    /// JinaBERT: attention biased by distance (ALiBi) instead of position embeddings.
+    pub fn uses_alibi(&self) -> bool {
+        self.position_embedding_type.as_deref() == Some("alibi")
+    }
+
+    fn gated_feed_forward(&self) -> bool {
+        matches!(self.feed_forward_type.as_deref(), Some(t) if t.contains("glu"))
     }
 }
 
 struct BertEmbeddings {
     word: Embedding,
-    position: Embedding,
+    /// Absent for ALiBi models, whose positions live in the attention bias.
+    position: Option<Embedding>,
     token_type: Embedding,
     layer_norm: LayerNorm,
     position_offset: usize,
@@ -73,11 +88,15 @@ impl BertEmbeddings {
         let h = config.hidden_size;
         Ok(Self {
             word: candle_nn::embedding(config.vocab_size, h, vb.pp("word_embeddings"))?,
-            position: candle_nn::embedding(
-                config.max_position_embeddings,
-                h,
-                vb.pp("position_embeddings"),
-            )?,
+            position: if config.uses_alibi() {
+                None
+            } else {
+                Some(candle_nn::embedding(
+                    config.max_position_embeddings,
+                    h,
+                    vb.pp("position_embeddings"),
+                )?)
+            },
             token_type: candle_nn::embedding(
                 config.type_vocab_size,
                 h,
@@ -90,10 +109,6 @@ impl BertEmbeddings {
     }
 
     fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        let device = batch.input_ids.device();
-        let start = self.position_offset as u32;
-        // Right padding means every row's real tokens sit at positions 0..len; padded rows are masked.
-        let positions = Tensor::arange(start, start + batch.max_len as u32, device)?;
         let words = self.word.forward(&batch.input_ids)?;
         let types = if self.single_token_type {
             self.token_type
@@ -101,8 +116,13 @@ impl BertEmbeddings {
         } else {
             self.token_type.forward(&batch.token_type_ids)?
         };
-        let positions = self.position.forward(&positions)?;
-        let x = (words + types)?.broadcast_add(&positions)?;
+        let mut x = (words + types)?;
+        if let Some(table) = &self.position {
+            // Right padding: every row's real tokens sit at positions 0..len; padding is masked.
+            let start = self.position_offset as u32;
+            let positions = Tensor::arange(start, start + batch.max_len as u32, x.device())?;
+            x = x.broadcast_add(&table.forward(&positions)?)?;
+        }
         self.layer_norm.forward(&x)
     }
 }
@@ -115,7 +135,13 @@ struct BertAttention {
     num_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// ALiBi slope per head, shaped `[1, heads, 1, 1]`; `None` for position-embedding models.
+    alibi_slopes: Option<Tensor>,
 }
+
+/// Attention scores are computed in blocks of query rows no larger than this, so a long input
+/// (ALiBi models take 8192 tokens) never holds a whole `[heads, seq, seq]` matrix at once.
+const ATTENTION_BLOCK_BYTES: usize = 64 << 20;
 
 impl BertAttention {
     fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
@@ -138,6 +164,13 @@ impl BertAttention {
             num_heads: config.num_attention_heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            alibi_slopes: if config.uses_alibi() {
+                let slopes = alibi_slopes(config.num_attention_heads);
+                let n = slopes.len();
+                Some(Tensor::from_vec(slopes, (1, n, 1, 1), vb.device())?.to_dtype(vb.dtype())?)
+            } else {
+                None
+            },
         })
     }
 
@@ -152,41 +185,117 @@ impl BertAttention {
                 .contiguous()
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask_bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+        let k_t = k.t()?;
+        let row_bytes = b * self.num_heads * l * q.dtype().size_in_bytes();
+        let block = (ATTENTION_BLOCK_BYTES / row_bytes.max(1)).clamp(1, l);
+        let mut blocks = Vec::with_capacity(l.div_ceil(block));
+        for start in (0..l).step_by(block) {
+            let rows = block.min(l - start);
+            let q_rows = q.narrow(2, start, rows)?;
+            let mut scores = (q_rows.matmul(&k_t)? * self.scale)?.broadcast_add(mask_bias)?;
+            if let Some(slopes) = &self.alibi_slopes {
+                scores = scores.broadcast_add(&alibi_bias(slopes, start, rows, l)?)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            blocks.push(probs.matmul(&v)?);
+        }
+        let context = Tensor::cat(&blocks, 2)?
+            .transpose(1, 2)?
+            .reshape((b, l, h))?;
         let out = self.output.forward(&context)?;
         self.layer_norm.forward(&(out + hidden)?)
     }
 }
 
+/// The feed-forward half of a block, residual and layer norm included.
+enum FeedForward {
+    /// BERT: `intermediate.dense`, activation, `output.dense`, `output.LayerNorm`.
+    Plain {
+        intermediate: Linear,
+        output: Linear,
+        layer_norm: LayerNorm,
+        activation: Activation,
+    },
+    /// JinaBERT: `mlp.gated_layers` (no bias) gives [gate | value]; activation(gate) * value,
+    /// then `mlp.wo` and `mlp.layernorm`.
+    Gated {
+        gated_layers: Linear,
+        wo: Linear,
+        layer_norm: LayerNorm,
+        activation: Activation,
+        intermediate_size: usize,
+    },
+}
+
+impl FeedForward {
+    fn load(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+        let (h, i, eps) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.layer_norm_eps,
+        );
+        if config.gated_feed_forward() {
+            let mlp = vb.pp("mlp");
+            return Ok(FeedForward::Gated {
+                gated_layers: Linear::new(mlp.pp("gated_layers").get((2 * i, h), "weight")?, None),
+                wo: candle_nn::linear(i, h, mlp.pp("wo"))?,
+                layer_norm: layer_norm(mlp.pp("layernorm"), h, eps)?,
+                activation: config.hidden_act,
+                intermediate_size: i,
+            });
+        }
+        Ok(FeedForward::Plain {
+            intermediate: candle_nn::linear(h, i, vb.pp("intermediate.dense"))?,
+            output: candle_nn::linear(i, h, vb.pp("output.dense"))?,
+            layer_norm: layer_norm(vb.pp("output.LayerNorm"), h, eps)?,
+            activation: config.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            FeedForward::Plain {
+                intermediate,
+                output,
+                layer_norm,
+                activation,
+            } => {
+                let inner = activation.apply(&intermediate.forward(x)?)?;
+                layer_norm.forward(&(output.forward(&inner)? + x)?)
+            }
+            FeedForward::Gated {
+                gated_layers,
+                wo,
+                layer_norm,
+                activation,
+                intermediate_size,
+            } => {
+                let both = gated_layers.forward(x)?;
+                let gate = both.narrow(D::Minus1, 0, *intermediate_size)?;
+                let value = both.narrow(D::Minus1, *intermediate_size, *intermediate_size)?;
+                let inner = (activation.apply(&gate)? * value)?;
+                layer_norm.forward(&(wo.forward(&inner)? + x)?)
+            }
+        }
+    }
+}
+
 struct BertLayer {
     attention: BertAttention,
-    intermediate: Linear,
-    output: Linear,
-    layer_norm: LayerNorm,
-    activation: Activation,
+    feed_forward: FeedForward,
 }
 
 impl BertLayer {
     fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
-        let (h, i) = (config.hidden_size, config.intermediate_size);
         Ok(Self {
             attention: BertAttention::load(vb.pp("attention"), config)?,
-            intermediate: candle_nn::linear(h, i, vb.pp("intermediate.dense"))?,
-            output: candle_nn::linear(i, h, vb.pp("output.dense"))?,
-            layer_norm: layer_norm(vb.pp("output.LayerNorm"), h, config.layer_norm_eps)?,
-            activation: config.hidden_act,
+            feed_forward: FeedForward::load(&vb, config)?,
         })
     }
 
     fn forward(&self, hidden: &Tensor, mask_bias: &Tensor) -> candle_core::Result<Tensor> {
         let attended = self.attention.forward(hidden, mask_bias)?;
-        let inner = self
-            .activation
-            .apply(&self.intermediate.forward(&attended)?)?;
-        let out = self.output.forward(&inner)?;
-        self.layer_norm.forward(&(out + attended)?)
+        self.feed_forward.forward(&attended)
     }
 }
 
@@ -232,6 +341,52 @@ impl Encoder for BertModel {
     }
 }
 
+/// ALiBi's head slopes (Press et al., 2022): a geometric sequence starting at 2^(-8/n) for n a
+/// power of two; otherwise those of the next lower power of two, then every other slope of the
+/// next higher one.
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    fn power_of_two(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+        (0..n).map(|i| start * start.powi(i as i32)).collect()
+    }
+    let slopes = if heads.is_power_of_two() {
+        power_of_two(heads)
+    } else {
+        let lower = 1usize << heads.ilog2();
+        let mut s = power_of_two(lower);
+        s.extend(
+            alibi_slopes(2 * lower)
+                .into_iter()
+                .map(f64::from)
+                .step_by(2)
+                .take(heads - lower),
+        );
+        s
+    };
+    slopes.into_iter().map(|v| v as f32).collect()
+}
+
+/// `-slope * |i - j|` for query rows `start..start+rows` against all `len` keys:
+/// `[1, heads, rows, len]`, built per batch for just the rows in hand.
+fn alibi_bias(
+    slopes: &Tensor,
+    start: usize,
+    rows: usize,
+    len: usize,
+) -> candle_core::Result<Tensor> {
+    let device = slopes.device();
+    let i = Tensor::arange(start as u32, (start + rows) as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((rows, 1))?;
+    let j = Tensor::arange(0u32, len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((1, len))?;
+    let distance = j.broadcast_sub(&i)?.abs()?.to_dtype(slopes.dtype())?;
+    distance
+        .reshape((1, 1, rows, len))?
+        .broadcast_mul(&slopes.neg()?)
+}
+
 /// The prefix a task-head checkpoint stores the encoder under (`bert`, `roberta`), if any.
 pub(crate) fn model_prefix(vb: &VarBuilder) -> Option<&'static str> {
     ["bert", "roberta", "model"]
@@ -267,5 +422,38 @@ pub fn var_builder(
         unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
     } else {
         VarBuilder::from_pth(weights, dtype, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alibi_slopes_follow_the_paper() {
+        let eight = alibi_slopes(8);
+        let expected: Vec<f32> = (1..=8).map(|i| 2f32.powi(-i)).collect();
+        assert_eq!(eight, expected);
+        // 12 heads: the 8 slopes of 8 heads, then every other slope of 16 heads.
+        let twelve = alibi_slopes(12);
+        let sixteen = alibi_slopes(16);
+        assert_eq!(&twelve[..8], &eight[..]);
+        assert_eq!(
+            &twelve[8..],
+            &[sixteen[0], sixteen[2], sixteen[4], sixteen[6]]
+        );
+    }
+
+    #[test]
+    fn alibi_bias_is_symmetric_distance_times_slope() {
+        let slopes = Tensor::new(&[0.5f32, 0.25], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 1, 1))
+            .unwrap();
+        let bias = alibi_bias(&slopes, 1, 2, 3).unwrap();
+        assert_eq!(bias.dims(), &[1, 2, 2, 3]);
+        let v: Vec<Vec<Vec<f32>>> = bias.squeeze(0).unwrap().to_vec3().unwrap();
+        assert_eq!(v[0], vec![vec![-0.5, 0.0, -0.5], vec![-1.0, -0.5, 0.0]]);
+        assert_eq!(v[1][1], vec![-0.5, -0.25, 0.0]);
     }
 }

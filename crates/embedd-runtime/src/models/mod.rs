@@ -40,12 +40,32 @@ pub fn read_bert_config(dir: &ModelDir) -> Result<BertConfig> {
     if let Some(p) = config
         .position_embedding_type
         .as_deref()
-        .filter(|p| *p != "absolute")
+        .filter(|p| !matches!(*p, "absolute" | "alibi"))
     {
         return Err(RuntimeError::ModelConfig {
             path: dir.config.clone(),
             field: "position_embedding_type".into(),
-            reason: format!("'{p}' is not supported (only 'absolute')"),
+            reason: format!("'{p}' is not supported ('absolute' or 'alibi')"),
+        });
+    }
+    if let Some(t) = config
+        .feed_forward_type
+        .as_deref()
+        .filter(|t| !matches!(*t, "original" | "geglu"))
+    {
+        return Err(RuntimeError::ModelConfig {
+            path: dir.config.clone(),
+            field: "feed_forward_type".into(),
+            reason: format!("'{t}' is not supported ('original' or 'geglu')"),
+        });
+    }
+    // jina-embeddings-v2-base-code's variant normalizes queries and keys inside attention.
+    if dir.read_config()?.to_string().contains("qk-post-norm") {
+        return Err(RuntimeError::ModelConfig {
+            path: dir.config.clone(),
+            field: "auto_map".into(),
+            reason: "JinaBERT with QK post-norm (jina-bert-v2-qk-post-norm) is not supported yet"
+                .into(),
         });
     }
     Ok(config)
