@@ -9,7 +9,9 @@ use crate::batch::Batch;
 use crate::device::DeviceSpec;
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::{ModelDir, ModelSource};
-use crate::models::{open_weights, read_bert_config, weights_error, BertModel, Encoder};
+use crate::models::{
+    open_weights, read_bert_config, weights_error, BertModel, Encoder, T5Config, T5EncoderModel,
+};
 use crate::pooling::Pooling;
 use crate::scheduler::{BatchScheduler, Priority, SchedulerConfig, TokenCost};
 use crate::tokenize::{BareEncoding, TextTokenizer, TokenSequence};
@@ -58,12 +60,29 @@ pub struct TextEmbedder {
     pooling: Pooling,
 }
 
-/// Loads the encoder named by `config.json`'s `model_type`; returns it and its position limit.
-fn load_encoder(dir: &ModelDir, device: &Device) -> Result<(Box<dyn Encoder>, usize)> {
+/// The input length served when neither the catalog nor the model's files name one and the
+/// architecture has no position table (T5).
+const DEFAULT_MAX_TOKENS: usize = 512;
+
+/// Loads the encoder named by `config.json`'s `model_type`; returns it and the length its
+/// position table allows (`None`: no table, as T5's relative buckets).
+fn load_encoder(dir: &ModelDir, device: &Device) -> Result<(Box<dyn Encoder>, Option<usize>)> {
+    let raw = dir.read_config()?;
+    if raw.get("model_type").and_then(|v| v.as_str()) == Some("t5") {
+        let config: T5Config =
+            serde_json::from_value(raw).map_err(|e| RuntimeError::ModelConfig {
+                path: dir.config.clone(),
+                field: "(t5 config)".into(),
+                reason: e.to_string(),
+            })?;
+        let vb = open_weights(dir, device)?;
+        let model = T5EncoderModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
+        return Ok((Box::new(model), None));
+    }
     let config = read_bert_config(dir)?;
     let vb = open_weights(dir, device)?;
     let model = BertModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
-    Ok((Box::new(model), config.max_tokens()))
+    Ok((Box::new(model), Some(config.max_tokens())))
 }
 
 impl TextEmbedder {
@@ -75,8 +94,9 @@ impl TextEmbedder {
         let max_tokens = spec
             .max_tokens
             .or(st.max_seq_length)
-            .unwrap_or(position_limit)
-            .min(position_limit);
+            .or(position_limit)
+            .unwrap_or(DEFAULT_MAX_TOKENS)
+            .min(position_limit.unwrap_or(usize::MAX));
         let pooling = spec.pooling.or(st.pooling).unwrap_or(Pooling::Mean);
         let tokenizer = TextTokenizer::from_file(&dir.tokenizer, max_tokens)?;
         let dimensions = encoder.hidden_size();

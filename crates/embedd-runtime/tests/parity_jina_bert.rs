@@ -54,7 +54,10 @@ fn check_embeddings(model: &TextEmbedder) {
     let counts: Vec<u64> = items.iter().map(|i| i.sequence.len() as u64).collect();
     let expected: Vec<u64> = serde_json::from_value(f["token_counts"].clone()).unwrap();
     assert_eq!(counts, expected);
-    assert!(counts.iter().any(|&c| c > 4000), "the fixture has a long input");
+    assert!(
+        counts.iter().any(|&c| c > 4000),
+        "the fixture has a long input"
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let out = rt.block_on(model.embed(items)).unwrap();
     for (i, (ours, theirs)) in out
@@ -72,7 +75,11 @@ fn check_embeddings(model: &TextEmbedder) {
 #[test]
 fn jina_bert_embeddings_match_the_reference() {
     let model = embedder(SchedulerConfig::default());
-    assert_eq!(model.max_tokens(), 8192, "ALiBi models take their configured 8192 tokens");
+    assert_eq!(
+        model.max_tokens(),
+        8192,
+        "ALiBi models take their configured 8192 tokens"
+    );
     assert_eq!(model.pooling(), Pooling::Mean);
     assert_eq!(model.dimensions(), 48);
     check_embeddings(&model);

@@ -2,6 +2,7 @@
 
 pub mod bert;
 pub mod classifier;
+pub mod t5;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -12,6 +13,7 @@ use crate::model_dir::ModelDir;
 
 pub use bert::{BertConfig, BertModel};
 pub use classifier::{ScoreActivation, SequenceClassifier};
+pub use t5::{T5Config, T5EncoderModel};
 
 /// Reads `config.json` as a BERT-family config, refusing what this family cannot run.
 pub fn read_bert_config(dir: &ModelDir) -> Result<BertConfig> {
