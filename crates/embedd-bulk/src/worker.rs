@@ -27,7 +27,7 @@ pub trait RowEmbedder: Send + Sync + 'static {
     fn embed<'a>(&'a self, model: &'a str, texts: Vec<String>) -> EmbedFuture<'a>;
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Rows per committed chunk.
     pub chunk_rows: usize,
@@ -35,6 +35,9 @@ pub struct WorkerConfig {
     pub retention: Duration,
     /// How often to look for work when nothing wakes the worker.
     pub poll: Duration,
+    /// The mail hook: a shell command run when a job that has an email finishes, with
+    /// `EMBEDD_JOB_ID`, `EMBEDD_JOB_STATUS`, `EMBEDD_JOB_EMAIL` and `EMBEDD_JOB_ERROR` set.
+    pub notify_command: Option<String>,
 }
 
 pub struct BulkWorker {
@@ -66,7 +69,9 @@ impl BulkWorker {
 
     /// Runs until `stopping` is set; a job in progress stops after its current chunk commits.
     pub async fn run(self) {
-        let mut last_sweep = std::time::Instant::now() - Duration::from_secs(3600);
+        let mut last_sweep = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(std::time::Instant::now);
         while !self.stopping.load(Ordering::Acquire) {
             if last_sweep.elapsed() > Duration::from_secs(60) {
                 self.sweep();
@@ -81,6 +86,7 @@ impl BulkWorker {
                             tracing::error!(job = %id, error = %e, "recording a failed job");
                         }
                     }
+                    self.notify(&id).await;
                 }
                 Ok(None) => {
                     tokio::select! {
@@ -95,6 +101,40 @@ impl BulkWorker {
             }
         }
         tracing::info!("bulk worker stopped");
+    }
+
+    /// Runs the mail hook for a finished job that has an email; its failure is only logged.
+    async fn notify(&self, id: &str) {
+        let Some(command) = &self.config.notify_command else {
+            return;
+        };
+        let Ok(Some(record)) = self.store.get(id) else {
+            return;
+        };
+        let job = record.job;
+        let (Some(email), true) = (
+            job.user_email.as_deref(),
+            matches!(
+                job.status,
+                embedd_api::BulkJobStatus::Completed | embedd_api::BulkJobStatus::Failed
+            ),
+        ) else {
+            return;
+        };
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .env("EMBEDD_JOB_ID", &job.id)
+            .env("EMBEDD_JOB_STATUS", job.status.as_str())
+            .env("EMBEDD_JOB_EMAIL", email)
+            .env("EMBEDD_JOB_ERROR", job.error.as_deref().unwrap_or(""))
+            .status()
+            .await;
+        match status {
+            Ok(s) if s.success() => tracing::info!(job = %job.id, "mail hook ran"),
+            Ok(s) => tracing::warn!(job = %job.id, status = %s, "mail hook failed"),
+            Err(e) => tracing::warn!(job = %job.id, error = %e, "mail hook could not start"),
+        }
     }
 
     fn sweep(&self) {
@@ -242,6 +282,7 @@ mod tests {
                 chunk_rows: 2,
                 retention: Duration::from_secs(3600),
                 poll: Duration::from_millis(10),
+                notify_command: None,
             },
             Arc::new(Notify::new()),
             stopping,
@@ -287,6 +328,48 @@ mod tests {
             .map(|r| r.unwrap()[0].to_string())
             .collect();
         assert_eq!(texts, vec!["a", "bb", "c,c", "dddd", "eeeee"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_mail_hook_runs_for_finished_jobs_with_an_email() {
+        let dir = std::env::temp_dir().join(format!("embedd-hook-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(JobStore::open(&dir).unwrap());
+        let job = store
+            .create(NewJob {
+                user_id: "u",
+                model_name: "m",
+                file_name: "f.csv",
+                user_email: Some("a@b.co"),
+                total_rows: 1,
+                upload: b"x\n",
+            })
+            .unwrap();
+        let out = dir.join("hook.txt");
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut w = worker(&store, stopping.clone());
+        w.config.notify_command = Some(format!(
+            "echo \"$EMBEDD_JOB_ID $EMBEDD_JOB_STATUS $EMBEDD_JOB_EMAIL\" > {}",
+            out.display()
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let run = tokio::spawn(w.run());
+            for _ in 0..200 {
+                if out.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            stopping.store(true, Ordering::Release);
+            let _ = run.await;
+        });
+        let written = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(written.trim(), format!("{} completed a@b.co", job.id));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

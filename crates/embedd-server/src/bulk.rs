@@ -37,6 +37,7 @@ impl BulkState {
                 chunk_rows: config.bulk_chunk_rows.max(1),
                 retention: Duration::from_secs(config.bulk_retention_hours * 3600),
                 poll: Duration::from_secs(2),
+                notify_command: config.bulk_notify_command.clone(),
             },
             url_ttl: Duration::from_secs(config.download_url_ttl_secs),
             public_url: config
@@ -50,7 +51,7 @@ impl BulkState {
         BulkWorker::new(
             self.store.clone(),
             Arc::new(RegistryRows { models }),
-            self.config,
+            self.config.clone(),
             self.wake.clone(),
             self.stopping.clone(),
         )

@@ -97,6 +97,11 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_BULK_RETENTION_HOURS", default_value_t = 168)]
     pub bulk_retention_hours: u64,
 
+    /// Mail hook: a shell command run when a bulk job with an email finishes, with
+    /// EMBEDD_JOB_ID, EMBEDD_JOB_STATUS, EMBEDD_JOB_EMAIL and EMBEDD_JOB_ERROR set.
+    #[arg(long, env = "EMBEDD_BULK_NOTIFY_COMMAND")]
+    pub bulk_notify_command: Option<String>,
+
     /// How long a bulk result download link stays valid, in seconds.
     #[arg(long, env = "EMBEDD_DOWNLOAD_URL_TTL_SECS", default_value_t = 3600)]
     pub download_url_ttl_secs: u64,
