@@ -116,3 +116,38 @@ fn jina_reranker_layout_scores_match_the_reference() {
         assert!((*a as f64 - b).abs() < 1e-4, "doc {i}: {a} vs {b}");
     }
 }
+
+#[test]
+fn jina_colbert_layout_token_vectors_match_the_reference() {
+    use embedd_runtime::colbert::{ColbertSpec, Side};
+    use embedd_runtime::ColbertModel;
+    let f = fixture();
+    let model = ColbertModel::load(&ColbertSpec {
+        name: "tiny-jina-colbert".into(),
+        source: ModelSource::Local(fixtures().join("models/tiny-jina-colbert")),
+        device: DeviceSpec::Cpu,
+        scheduler: SchedulerConfig::default(),
+    })
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (side, texts, vectors) in [
+        (Side::Query, "colbert_queries", "colbert_query_vectors"),
+        (
+            Side::Document,
+            "colbert_documents",
+            "colbert_document_vectors",
+        ),
+    ] {
+        let items = model.prepare(&strings(&f[texts]), side).unwrap();
+        let ours = rt.block_on(model.embed(items)).unwrap().vectors;
+        let theirs: Vec<Vec<Vec<f64>>> = serde_json::from_value(f[vectors].clone()).unwrap();
+        assert_eq!(ours.len(), theirs.len());
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            assert_eq!(a.len(), b.len(), "{texts} {i}: token count");
+            for (t, (x, y)) in a.iter().zip(b).enumerate() {
+                let c = cosine(x, y);
+                assert!(c >= 0.9999, "{texts} {i} token {t}: cosine {c}");
+            }
+        }
+    }
+}
