@@ -97,15 +97,21 @@ impl EmbedRequest {
     }
 
     /// Applies `dimensions` and `normalized` to a model's raw pooled vector.
-    pub fn shape_vector(&self, mut vector: Vec<f32>) -> Vec<f32> {
-        if let Some(d) = self.dimensions {
-            vector.truncate(d);
-        }
-        if self.normalized {
-            l2_normalize(&mut vector);
-        }
-        vector
+    pub fn shape_vector(&self, vector: Vec<f32>) -> Vec<f32> {
+        shape(vector, self.dimensions, self.normalized)
     }
+}
+
+/// Matryoshka truncation to `dimensions` (none, or more than the vector has: the whole vector),
+/// then L2 normalization when asked.
+pub fn shape(mut vector: Vec<f32>, dimensions: Option<usize>, normalize: bool) -> Vec<f32> {
+    if let Some(d) = dimensions {
+        vector.truncate(d);
+    }
+    if normalize {
+        l2_normalize(&mut vector);
+    }
+    vector
 }
 
 /// Scales to unit length; a zero vector stays zero rather than turning into NaNs.

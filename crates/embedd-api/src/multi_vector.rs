@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::embeddings::{l2_normalize, Usage};
+use crate::embeddings::{shape, Usage};
 use crate::encoding::{EncodedVector, EncodingSelection};
 use crate::error::ValidationErrors;
 use crate::input::{image_errors, InputItem};
@@ -85,13 +85,10 @@ impl MultiVectorRequest {
             .collect()
     }
 
-    /// Applies `dimensions` to one token vector (already unit length from the model).
-    fn shape(&self, mut vector: Vec<f32>) -> Vec<f32> {
-        if let Some(d) = self.dimensions.filter(|d| *d < vector.len()) {
-            vector.truncate(d);
-            l2_normalize(&mut vector);
-        }
-        vector
+    /// Applies `dimensions` to one token vector; the model's vectors are unit length, and so are
+    /// the truncated ones after re-normalization.
+    fn shape(&self, vector: Vec<f32>) -> Vec<f32> {
+        shape(vector, self.dimensions, true)
     }
 }
 
