@@ -90,10 +90,7 @@ impl EmbedRequest {
 
     /// The texts of a request that passed [`Self::check_against`] for a text model.
     pub fn texts(&self) -> Vec<String> {
-        self.input
-            .iter()
-            .filter_map(|item| item.as_text().map(str::to_string))
-            .collect()
+        crate::input::texts(&self.input)
     }
 
     /// Applies `dimensions` and `normalized` to a model's raw pooled vector.

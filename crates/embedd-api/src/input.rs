@@ -81,6 +81,14 @@ impl Task {
     }
 }
 
+/// The texts of items already checked to be text (images are skipped).
+pub fn texts(items: &[InputItem]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|i| i.as_text().map(str::to_string))
+        .collect()
+}
+
 /// A 422 for each image input sent to a model that embeds text only.
 pub fn image_errors(items: &[InputItem], model: &str) -> Vec<ValidationError> {
     items

@@ -79,10 +79,7 @@ impl MultiVectorRequest {
     }
 
     pub fn texts(&self) -> Vec<String> {
-        self.input
-            .iter()
-            .filter_map(|i| i.as_text().map(str::to_string))
-            .collect()
+        crate::input::texts(&self.input)
     }
 
     /// Applies `dimensions` to one token vector; the model's vectors are unit length, and so are

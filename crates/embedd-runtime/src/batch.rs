@@ -10,8 +10,6 @@ pub struct Batch {
     pub token_type_ids: Tensor,
     /// 1.0 for real tokens, 0.0 for padding (f32).
     pub attention_mask: Tensor,
-    /// Real length of each sequence.
-    pub lengths: Vec<usize>,
     pub max_len: usize,
 }
 
@@ -53,12 +51,7 @@ impl Batch {
             input_ids: Tensor::from_vec(ids, (n, max_len), device)?,
             token_type_ids: Tensor::from_vec(types, (n, max_len), device)?,
             attention_mask: Tensor::from_vec(mask, (n, max_len), device)?,
-            lengths: sequences.iter().map(|s| s.len()).collect(),
             max_len,
         })
-    }
-
-    pub fn size(&self) -> usize {
-        self.lengths.len()
     }
 }

@@ -15,7 +15,7 @@ use crate::batch::Batch;
 use crate::device::DeviceSpec;
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::{read_json, ModelDir, ModelSource};
-use crate::models::{open_weights, read_bert_config, weights_error, BertModel, Encoder};
+use crate::models::{bert_config, open_weights, weights_error, BertModel, Encoder};
 use crate::scheduler::{BatchScheduler, SchedulerConfig, TokenCost};
 use crate::tokenize::{TextTokenizer, TokenSequence};
 
@@ -138,7 +138,7 @@ impl ColbertModel {
             None => ColbertSettings::default(),
         };
         let device = spec.device.open()?;
-        let config = read_bert_config(&dir)?;
+        let config = bert_config(&dir, &dir.read_config()?)?;
         let vb = open_weights(&dir, &device)?;
         let encoder = BertModel::load(vb.clone(), &config).map_err(|e| weights_error(&dir, e))?;
         let projection =

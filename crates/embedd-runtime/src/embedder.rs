@@ -10,7 +10,7 @@ use crate::device::DeviceSpec;
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::{ModelDir, ModelSource};
 use crate::models::{
-    open_weights, read_bert_config, weights_error, BertModel, Encoder, T5Config, T5EncoderModel,
+    bert_config, open_weights, weights_error, BertModel, Encoder, T5Config, T5EncoderModel,
 };
 use crate::pooling::Pooling;
 use crate::scheduler::{BatchScheduler, Priority, SchedulerConfig, TokenCost};
@@ -70,7 +70,7 @@ fn load_encoder(dir: &ModelDir, device: &Device) -> Result<(Box<dyn Encoder>, Op
     let raw = dir.read_config()?;
     if raw.get("model_type").and_then(|v| v.as_str()) == Some("t5") {
         let config: T5Config =
-            serde_json::from_value(raw).map_err(|e| RuntimeError::ModelConfig {
+            serde_json::from_value(raw.clone()).map_err(|e| RuntimeError::ModelConfig {
                 path: dir.config.clone(),
                 field: "(t5 config)".into(),
                 reason: e.to_string(),
@@ -79,7 +79,7 @@ fn load_encoder(dir: &ModelDir, device: &Device) -> Result<(Box<dyn Encoder>, Op
         let model = T5EncoderModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
         return Ok((Box::new(model), None));
     }
-    let config = read_bert_config(dir)?;
+    let config = bert_config(dir, &raw)?;
     let vb = open_weights(dir, device)?;
     let model = BertModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
     Ok((Box::new(model), Some(config.max_tokens())))

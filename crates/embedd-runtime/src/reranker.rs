@@ -5,7 +5,7 @@ use crate::device::DeviceSpec;
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::{ModelDir, ModelSource};
 use crate::models::{
-    open_weights, read_bert_config, weights_error, ScoreActivation, SequenceClassifier,
+    bert_config, open_weights, weights_error, ScoreActivation, SequenceClassifier,
 };
 use crate::scheduler::{BatchScheduler, SchedulerConfig};
 use crate::tokenize::{TextTokenizer, TokenSequence};
@@ -37,9 +37,9 @@ impl CrossEncoder {
     pub fn load(spec: &RerankerSpec) -> Result<Self> {
         let dir = ModelDir::resolve(&spec.source, &[])?;
         let device = spec.device.open()?;
-        let config = read_bert_config(&dir)?;
-        let labels = dir
-            .read_config()?
+        let raw = dir.read_config()?;
+        let config = bert_config(&dir, &raw)?;
+        let labels = raw
             .get("id2label")
             .and_then(|v| v.as_object())
             .map_or(1, |m| m.len());
@@ -50,7 +50,7 @@ impl CrossEncoder {
                 reason: format!("a reranker needs a single-label head, this one has {labels}"),
             });
         }
-        let activation = ScoreActivation::from_config(&dir.read_config()?);
+        let activation = ScoreActivation::from_config(&raw);
         let model = SequenceClassifier::load(open_weights(&dir, &device)?, &config, activation)
             .map_err(|e| weights_error(&dir, e))?;
         let max_tokens = spec

@@ -96,40 +96,39 @@ impl ModelRegistry {
         })
     }
 
-    /// The embedding model a request names. A model of another kind is refused by
-    /// `EmbedRequest::check_against`, which the caller runs on the capabilities first.
+    /// The model a request names, with the model itself when it is of the kind `pick` takes. A
+    /// model of another kind is refused by the request's `check_against`, which the caller runs
+    /// on the capabilities first.
+    pub fn lookup<M>(
+        &self,
+        name: &str,
+        pick: impl FnOnce(&ServedModel) -> Option<Arc<M>>,
+    ) -> Result<Lookup<M>, ValidationErrors> {
+        let model = self.get(name)?;
+        Ok(Lookup {
+            capabilities: model.capabilities(),
+            model: pick(model),
+        })
+    }
+
     pub fn embedder(&self, name: &str) -> Result<Lookup<TextEmbedder>, ValidationErrors> {
-        let model = self.get(name)?;
-        Ok(Lookup {
-            capabilities: model.capabilities(),
-            model: match model {
-                ServedModel::Embedding(m) => Some(m.clone()),
-                _ => None,
-            },
+        self.lookup(name, |m| match m {
+            ServedModel::Embedding(m) => Some(m.clone()),
+            _ => None,
         })
     }
 
-    /// The ColBERT model a request names (see [`Self::embedder`]).
     pub fn colbert(&self, name: &str) -> Result<Lookup<ColbertModel>, ValidationErrors> {
-        let model = self.get(name)?;
-        Ok(Lookup {
-            capabilities: model.capabilities(),
-            model: match model {
-                ServedModel::MultiVector(m) => Some(m.clone()),
-                _ => None,
-            },
+        self.lookup(name, |m| match m {
+            ServedModel::MultiVector(m) => Some(m.clone()),
+            _ => None,
         })
     }
 
-    /// The reranker a request names (see [`Self::embedder`]).
     pub fn reranker(&self, name: &str) -> Result<Lookup<CrossEncoder>, ValidationErrors> {
-        let model = self.get(name)?;
-        Ok(Lookup {
-            capabilities: model.capabilities(),
-            model: match model {
-                ServedModel::Reranker(m) => Some(m.clone()),
-                _ => None,
-            },
+        self.lookup(name, |m| match m {
+            ServedModel::Reranker(m) => Some(m.clone()),
+            _ => None,
         })
     }
 }

@@ -15,9 +15,18 @@ pub use bert::{BertConfig, BertModel};
 pub use classifier::{ScoreActivation, SequenceClassifier};
 pub use t5::{T5Config, T5EncoderModel};
 
-/// Reads `config.json` as a BERT-family config, refusing what this family cannot run.
-pub fn read_bert_config(dir: &ModelDir) -> Result<BertConfig> {
-    let raw = dir.read_config()?;
+/// Interprets `config.json` (as read from `dir`) as a BERT-family config, refusing what this
+/// family cannot run.
+pub fn bert_config(dir: &ModelDir, raw: &serde_json::Value) -> Result<BertConfig> {
+    // jina-embeddings-v2-base-code's variant normalizes queries and keys inside attention.
+    if raw.to_string().contains("qk-post-norm") {
+        return Err(RuntimeError::ModelConfig {
+            path: dir.config.clone(),
+            field: "auto_map".into(),
+            reason: "JinaBERT with QK post-norm (jina-bert-v2-qk-post-norm) is not supported yet"
+                .into(),
+        });
+    }
     let model_type = raw
         .get("model_type")
         .and_then(|v| v.as_str())
@@ -34,7 +43,7 @@ pub fn read_bert_config(dir: &ModelDir) -> Result<BertConfig> {
         });
     }
     let config: BertConfig =
-        serde_json::from_value(raw).map_err(|e| RuntimeError::ModelConfig {
+        serde_json::from_value(raw.clone()).map_err(|e| RuntimeError::ModelConfig {
             path: dir.config.clone(),
             field: "(bert config)".into(),
             reason: e.to_string(),
@@ -59,15 +68,6 @@ pub fn read_bert_config(dir: &ModelDir) -> Result<BertConfig> {
             path: dir.config.clone(),
             field: "feed_forward_type".into(),
             reason: format!("'{t}' is not supported ('original' or 'geglu')"),
-        });
-    }
-    // jina-embeddings-v2-base-code's variant normalizes queries and keys inside attention.
-    if dir.read_config()?.to_string().contains("qk-post-norm") {
-        return Err(RuntimeError::ModelConfig {
-            path: dir.config.clone(),
-            field: "auto_map".into(),
-            reason: "JinaBERT with QK post-norm (jina-bert-v2-qk-post-norm) is not supported yet"
-                .into(),
         });
     }
     Ok(config)

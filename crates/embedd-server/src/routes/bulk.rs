@@ -117,14 +117,13 @@ pub async fn start(
         ));
     }
     let checked = bytes.clone();
-    let summary = tokio::task::spawn_blocking(move || csv_input::check(&checked[..]))
-        .await
-        .map_err(|e| ApiError::Internal(format!("CSV check task: {e}")))?
+    let summary = super::off_runtime("CSV check", move || csv_input::check(&checked[..]))
+        .await?
         .map_err(|e| field_error("file", e.to_string()))?;
 
     let bulk = state.bulk.clone();
     let user = caller.0.clone();
-    let job = tokio::task::spawn_blocking(move || {
+    let job = super::off_runtime("job store", move || {
         bulk.store.create(NewJob {
             user_id: &user,
             model_name: &model,
@@ -134,8 +133,7 @@ pub async fn start(
             upload: &bytes,
         })
     })
-    .await
-    .map_err(|e| ApiError::Internal(format!("job store task: {e}")))?
+    .await?
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     state.bulk.wake.notify_one();
     Ok(Json(job))

@@ -41,15 +41,14 @@ pub async fn create(
     let texts = request.texts();
     let (truncate, late_chunking) = (request.truncate, request.late_chunking);
     let tokenizer_model = model.clone();
-    let items = tokio::task::spawn_blocking(move || {
+    let items = super::off_runtime("tokenizer", move || {
         if late_chunking {
             tokenizer_model.prepare_late_chunks(&texts, truncate)
         } else {
             tokenizer_model.prepare(&texts, truncate)
         }
     })
-    .await
-    .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))?
+    .await?
     .map_err(|e| ApiError::from_runtime(e, "input"))?;
 
     let embedded = model

@@ -59,6 +59,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Runs CPU-bound or blocking work (tokenization, CSV checks, job-store writes) off the async
+/// runtime; `what` names it if the task itself fails.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, crate::error::ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| crate::error::ApiError::Internal(format!("{what} task: {e}")))
+}
+
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, Json(ErrorBody::new("Not Found"))).into_response()
 }

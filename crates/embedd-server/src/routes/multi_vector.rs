@@ -59,9 +59,8 @@ async fn embed(
     };
     let texts = request.texts();
     let tokenizer_model = model.clone();
-    let items = tokio::task::spawn_blocking(move || tokenizer_model.prepare(&texts, side))
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))?
+    let items = super::off_runtime("tokenizer", move || tokenizer_model.prepare(&texts, side))
+        .await?
         .map_err(|e| ApiError::from_runtime(e, "input"))?;
     let out = model
         .embed(items)

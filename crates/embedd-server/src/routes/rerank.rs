@@ -29,10 +29,11 @@ pub async fn rank(
 
     let (query, documents) = (request.query.clone(), request.texts());
     let tokenizer_model = model.clone();
-    let pairs = tokio::task::spawn_blocking(move || tokenizer_model.prepare(&query, &documents))
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))?
-        .map_err(|e| ApiError::from_runtime(e, "documents"))?;
+    let pairs = super::off_runtime("tokenizer", move || {
+        tokenizer_model.prepare(&query, &documents)
+    })
+    .await?
+    .map_err(|e| ApiError::from_runtime(e, "documents"))?;
     let scored = model
         .score(pairs)
         .await
