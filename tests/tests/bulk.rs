@@ -31,6 +31,25 @@ fn upload(
     (status, resp.json().unwrap_or(Value::Null))
 }
 
+/// Sends only the headers of a POST declaring `length` body bytes; returns the raw response.
+fn declared_only_response(server: &Server, path: &str, length: u64) -> String {
+    use std::io::{Read, Write};
+    let addr = server.base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary=x\r\n\
+         Content-Length: {length}\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
 fn poll_until_done(server: &Server, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
@@ -205,6 +224,10 @@ fn bad_uploads_get_clear_errors() {
     let (s, b) = upload(&server, &vec![b'a'; 10_000], MODEL, None, None);
     assert_eq!(s, 413, "{b}");
     assert!(b["detail"].is_string());
+    // A body declared far over the limit is refused from its headers, before it is sent.
+    let head = declared_only_response(&server, "/v1/bulk-embeddings", 1 << 30);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("4096"), "{head}");
 
     let form = Form::new().text("model", MODEL);
     let resp = server

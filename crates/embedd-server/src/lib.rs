@@ -1,6 +1,7 @@
 //! The embedd HTTP server: configuration, model loading, the router.
 
 pub mod auth;
+pub mod body_limit;
 pub mod bulk;
 pub mod catalog;
 pub mod config;
