@@ -11,6 +11,10 @@ pub struct Batch {
     /// 1.0 for real tokens, 0.0 for padding (f32).
     pub attention_mask: Tensor,
     pub max_len: usize,
+    /// Input tokens per row (the rest of the row is padding).
+    pub lengths: Vec<usize>,
+    /// Leading tokens per row that are attended to (at most `lengths[i]`).
+    pub attended: Vec<usize>,
 }
 
 impl Batch {
@@ -37,9 +41,11 @@ impl Batch {
         let mut ids = Vec::with_capacity(n * max_len);
         let mut types = Vec::with_capacity(n * max_len);
         let mut mask = Vec::with_capacity(n * max_len);
+        let mut attended_tokens = Vec::with_capacity(n);
         for (s, &att) in sequences.iter().zip(attended) {
             let pad = max_len - s.len();
             let att = att.min(s.len());
+            attended_tokens.push(att);
             ids.extend_from_slice(&s.ids);
             ids.extend(std::iter::repeat_n(pad_id, pad));
             types.extend_from_slice(&s.type_ids);
@@ -52,6 +58,8 @@ impl Batch {
             token_type_ids: Tensor::from_vec(types, (n, max_len), device)?,
             attention_mask: Tensor::from_vec(mask, (n, max_len), device)?,
             max_len,
+            lengths: sequences.iter().map(|s| s.len()).collect(),
+            attended: attended_tokens,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod colbert;
 pub mod device;
 pub mod embedder;
 pub mod error;
+pub mod kernels;
 pub mod model_dir;
 pub mod models;
 pub mod pooling;

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::{Activation, Encoder};
 use crate::batch::Batch;
+use crate::kernels::{self, AttentionShape, HostSlice};
 
 fn default_act() -> Activation {
     Activation::Gelu
@@ -137,6 +138,9 @@ struct BertAttention {
     scale: f64,
     /// ALiBi slope per head, shaped `[1, heads, 1, 1]`; `None` for position-embedding models.
     alibi_slopes: Option<Tensor>,
+    /// The same slopes for the fused CPU path.
+    alibi_host: Option<Vec<f32>>,
+    eps: f32,
 }
 
 /// Attention scores are computed in blocks of query rows no larger than this, so a long input
@@ -155,23 +159,54 @@ impl BertAttention {
             .iter()
             .map(|n| sv.pp(n).get(h, "bias"))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let qkv = Linear::new(Tensor::cat(&weights, 0)?, Some(Tensor::cat(&biases, 0)?));
+        let qkv = host_layout(Linear::new(
+            Tensor::cat(&weights, 0)?,
+            Some(Tensor::cat(&biases, 0)?),
+        ))?;
         let head_dim = h / config.num_attention_heads;
+        let alibi_host = config
+            .uses_alibi()
+            .then(|| alibi_slopes(config.num_attention_heads));
         Ok(Self {
             qkv,
-            output: candle_nn::linear(h, h, vb.pp("output.dense"))?,
+            output: host_layout(candle_nn::linear(h, h, vb.pp("output.dense"))?)?,
             layer_norm: layer_norm(vb.pp("output.LayerNorm"), h, config.layer_norm_eps)?,
             num_heads: config.num_attention_heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
-            alibi_slopes: if config.uses_alibi() {
-                let slopes = alibi_slopes(config.num_attention_heads);
-                let n = slopes.len();
-                Some(Tensor::from_vec(slopes, (1, n, 1, 1), vb.device())?.to_dtype(vb.dtype())?)
-            } else {
-                None
+            alibi_slopes: match &alibi_host {
+                Some(slopes) => Some(
+                    Tensor::from_vec(slopes.clone(), (1, slopes.len(), 1, 1), vb.device())?
+                        .to_dtype(vb.dtype())?,
+                ),
+                None => None,
             },
+            alibi_host,
+            eps: config.layer_norm_eps as f32,
         })
+    }
+
+    /// The fused CPU path over packed rows (see [`kernels`]): `x` is `rows x hidden`.
+    fn forward_packed(&self, x: &[f32], rows: &Rows) -> candle_core::Result<Vec<f32>> {
+        let h = self.num_heads * self.head_dim;
+        let mut qkv = dense(x, rows.total(), &self.qkv)?;
+        kernels::bias_activation(&mut qkv, 3 * h, host_bias(&self.qkv)?.as_deref(), None);
+        let shape = AttentionShape {
+            heads: self.num_heads,
+            head_dim: self.head_dim,
+            scale: self.scale as f32,
+        };
+        let context = kernels::attention(
+            &qkv,
+            &rows.offsets,
+            &rows.attended,
+            shape,
+            self.alibi_host.as_deref(),
+        );
+        drop(qkv);
+        let mut out = dense(&context, rows.total(), &self.output)?;
+        layer_norm_residual(&mut out, x, &self.output, &self.layer_norm, self.eps)?;
+        Ok(out)
     }
 
     /// `mask_bias` is `[batch, 1, 1, seq]`: 0 for real tokens, a large negative number for padding.
@@ -228,6 +263,42 @@ enum FeedForward {
 }
 
 impl FeedForward {
+    /// The fused CPU path: `x` is `rows x hidden`, the attention block's output.
+    fn forward_packed(&self, x: &[f32], rows: usize, eps: f32) -> candle_core::Result<Vec<f32>> {
+        let (inner, output, layer_norm) = match self {
+            FeedForward::Plain {
+                intermediate,
+                output,
+                layer_norm,
+                activation,
+            } => {
+                let i = intermediate.weight().dim(0)?;
+                let mut inner = dense(x, rows, intermediate)?;
+                kernels::bias_activation(
+                    &mut inner,
+                    i,
+                    host_bias(intermediate)?.as_deref(),
+                    Some(*activation),
+                );
+                (inner, output, layer_norm)
+            }
+            FeedForward::Gated {
+                gated_layers,
+                wo,
+                layer_norm,
+                activation,
+                intermediate_size,
+            } => {
+                let both = dense(x, rows, gated_layers)?;
+                let inner = kernels::gated_activation(&both, *intermediate_size, *activation);
+                (inner, wo, layer_norm)
+            }
+        };
+        let mut out = dense(&inner, rows, output)?;
+        layer_norm_residual(&mut out, x, output, layer_norm, eps)?;
+        Ok(out)
+    }
+
     fn load(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
         let (h, i, eps) = (
             config.hidden_size,
@@ -237,16 +308,19 @@ impl FeedForward {
         if config.gated_feed_forward() {
             let mlp = vb.pp("mlp");
             return Ok(FeedForward::Gated {
-                gated_layers: Linear::new(mlp.pp("gated_layers").get((2 * i, h), "weight")?, None),
-                wo: candle_nn::linear(i, h, mlp.pp("wo"))?,
+                gated_layers: host_layout(Linear::new(
+                    mlp.pp("gated_layers").get((2 * i, h), "weight")?,
+                    None,
+                ))?,
+                wo: host_layout(candle_nn::linear(i, h, mlp.pp("wo"))?)?,
                 layer_norm: layer_norm(mlp.pp("layernorm"), h, eps)?,
                 activation: config.hidden_act,
                 intermediate_size: i,
             });
         }
         Ok(FeedForward::Plain {
-            intermediate: candle_nn::linear(h, i, vb.pp("intermediate.dense"))?,
-            output: candle_nn::linear(i, h, vb.pp("output.dense"))?,
+            intermediate: host_layout(candle_nn::linear(h, i, vb.pp("intermediate.dense"))?)?,
+            output: host_layout(candle_nn::linear(i, h, vb.pp("output.dense"))?)?,
             layer_norm: layer_norm(vb.pp("output.LayerNorm"), h, eps)?,
             activation: config.hidden_act,
         })
@@ -285,6 +359,77 @@ struct BertLayer {
     feed_forward: FeedForward,
 }
 
+/// Where each sequence's rows sit once padding is removed.
+struct Rows {
+    /// First row of each sequence, then the total.
+    offsets: Vec<usize>,
+    /// Leading rows of each sequence that are attended to.
+    attended: Vec<usize>,
+}
+
+impl Rows {
+    fn of(batch: &Batch) -> Self {
+        let mut offsets = Vec::with_capacity(batch.lengths.len() + 1);
+        offsets.push(0);
+        for len in &batch.lengths {
+            offsets.push(offsets[offsets.len() - 1] + len);
+        }
+        Self {
+            offsets,
+            attended: batch.attended.clone(),
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+}
+
+/// `x · Wᵀ` for a Linear layer whose weight is stored transposed (see [`host_layout`]); the
+/// bias is left to the pass that follows.
+fn dense(x: &[f32], rows: usize, linear: &Linear) -> candle_core::Result<Vec<f32>> {
+    let (n, k) = linear.weight().dims2()?;
+    let transposed = linear.weight().t()?;
+    let weight = HostSlice::of(&transposed)?;
+    Ok(kernels::matmul(x, rows, k, &weight, n))
+}
+
+/// On the CPU in float32, stores a Linear weight transposed in memory (the same tensor to candle)
+/// so the fused path's products read it in place.
+fn host_layout(linear: Linear) -> candle_core::Result<Linear> {
+    if !kernels::on_cpu_f32(linear.weight()) {
+        return Ok(linear);
+    }
+    let weight = linear.weight().t()?.contiguous()?.t()?;
+    Ok(Linear::new(weight, linear.bias().cloned()))
+}
+
+fn host_bias(linear: &Linear) -> candle_core::Result<Option<HostSlice<'_>>> {
+    linear.bias().map(HostSlice::of).transpose()
+}
+
+/// `out = LayerNorm(out + projection bias + residual)` on the fused path.
+fn layer_norm_residual(
+    out: &mut [f32],
+    residual: &[f32],
+    projection: &Linear,
+    layer_norm: &LayerNorm,
+    eps: f32,
+) -> candle_core::Result<()> {
+    let Some(beta) = layer_norm.bias() else {
+        candle_core::bail!("LayerNorm without a bias")
+    };
+    kernels::bias_residual_layer_norm(
+        out,
+        residual,
+        host_bias(projection)?.as_deref(),
+        &HostSlice::of(layer_norm.weight())?,
+        &HostSlice::of(beta)?,
+        eps,
+    );
+    Ok(())
+}
+
 impl BertLayer {
     fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
         Ok(Self {
@@ -296,6 +441,12 @@ impl BertLayer {
     fn forward(&self, hidden: &Tensor, mask_bias: &Tensor) -> candle_core::Result<Tensor> {
         let attended = self.attention.forward(hidden, mask_bias)?;
         self.feed_forward.forward(&attended)
+    }
+
+    fn forward_packed(&self, x: &[f32], rows: &Rows) -> candle_core::Result<Vec<f32>> {
+        let attended = self.attention.forward_packed(x, rows)?;
+        self.feed_forward
+            .forward_packed(&attended, rows.total(), self.attention.eps)
     }
 }
 
@@ -326,14 +477,48 @@ impl BertModel {
     }
 }
 
-impl Encoder for BertModel {
-    fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+impl BertModel {
+    /// The layers as candle operations, one tensor per step: the path for GPUs and reduced
+    /// precision, and the reference the fused CPU path is tested against.
+    pub fn forward_unfused(&self, batch: &Batch) -> candle_core::Result<Tensor> {
         let mask_bias = attention_bias(&batch.attention_mask, self.dtype)?;
         let mut hidden = self.embeddings.forward(batch)?;
         for layer in &self.layers {
             hidden = layer.forward(&hidden, &mask_bias)?;
         }
         Ok(hidden)
+    }
+
+    /// The fused float32 CPU path: padding removed, layers run by [`kernels`].
+    fn forward_fused(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        let embedded = self.embeddings.forward(batch)?;
+        let (b, l, h) = embedded.dims3()?;
+        let rows = Rows::of(batch);
+        let padded = embedded.flatten_all()?.to_vec1::<f32>()?;
+        let mut x = Vec::with_capacity(rows.total() * h);
+        for (i, len) in batch.lengths.iter().enumerate() {
+            x.extend_from_slice(&padded[i * l * h..][..len * h]);
+        }
+        drop(padded);
+        for layer in &self.layers {
+            x = layer.forward_packed(&x, &rows)?;
+        }
+        // Back to `[batch, seq, hidden]`, padding positions zero.
+        let mut out = vec![0f32; b * l * h];
+        for (i, len) in batch.lengths.iter().enumerate() {
+            out[i * l * h..][..len * h].copy_from_slice(&x[rows.offsets[i] * h..][..len * h]);
+        }
+        Tensor::from_vec(out, (b, l, h), embedded.device())
+    }
+}
+
+impl Encoder for BertModel {
+    fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        if kernels::on_cpu_f32(&batch.attention_mask) && self.dtype == DType::F32 {
+            self.forward_fused(batch)
+        } else {
+            self.forward_unfused(batch)
+        }
     }
 
     fn hidden_size(&self) -> usize {
@@ -428,6 +613,115 @@ pub fn var_builder(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::TokenSequence;
+
+    /// A random-weight model of `config`'s shape, tensors named as in Hugging Face checkpoints.
+    fn random_model(config: &BertConfig) -> BertModel {
+        let (h, i, v) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("embeddings.word_embeddings.weight".into(), vec![v, h]),
+            ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+            ("embeddings.position_embeddings.weight".into(), vec![64, h]),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        for layer in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{layer}");
+            for n in ["query", "key", "value"] {
+                shapes.push((format!("{p}.attention.self.{n}.weight"), vec![h, h]));
+                shapes.push((format!("{p}.attention.self.{n}.bias"), vec![h]));
+            }
+            let mut more = vec![
+                ("attention.output.dense.weight", vec![h, h]),
+                ("attention.output.dense.bias", vec![h]),
+                ("attention.output.LayerNorm.weight", vec![h]),
+                ("attention.output.LayerNorm.bias", vec![h]),
+            ];
+            if config.gated_feed_forward() {
+                more.extend([
+                    ("mlp.gated_layers.weight", vec![2 * i, h]),
+                    ("mlp.wo.weight", vec![h, i]),
+                    ("mlp.wo.bias", vec![h]),
+                    ("mlp.layernorm.weight", vec![h]),
+                    ("mlp.layernorm.bias", vec![h]),
+                ]);
+            } else {
+                more.extend([
+                    ("intermediate.dense.weight", vec![i, h]),
+                    ("intermediate.dense.bias", vec![i]),
+                    ("output.dense.weight", vec![h, i]),
+                    ("output.dense.bias", vec![h]),
+                    ("output.LayerNorm.weight", vec![h]),
+                    ("output.LayerNorm.bias", vec![h]),
+                ]);
+            }
+            shapes.extend(more.into_iter().map(|(n, s)| (format!("{p}.{n}"), s)));
+        }
+        let tensors = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = Tensor::randn(0f32, 0.3, shape, &Device::Cpu).unwrap();
+                // LayerNorm gains near 1, as trained models have them.
+                let t = if name.ends_with("LayerNorm.weight") || name.ends_with("layernorm.weight")
+                {
+                    (t + 1.0).unwrap()
+                } else {
+                    t
+                };
+                (name, t)
+            })
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        BertModel::load(vb, config).unwrap()
+    }
+
+    fn config(alibi: bool) -> BertConfig {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 48,
+            "max_position_embeddings": 64,
+            "position_embedding_type": if alibi { "alibi" } else { "absolute" },
+            "feed_forward_type": if alibi { "geglu" } else { "original" },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn fused_cpu_path_matches_candle_operations() {
+        for alibi in [false, true] {
+            let model = random_model(&config(alibi));
+            let sequences: Vec<TokenSequence> = [7usize, 3, 12]
+                .iter()
+                .map(|&n| TokenSequence {
+                    ids: (0..n as u32).map(|t| (t * 7 + 3) % 50).collect(),
+                    type_ids: vec![0; n],
+                })
+                .collect();
+            let refs: Vec<&TokenSequence> = sequences.iter().collect();
+            // The last sequence has trailing input that is not attended to (ColBERT queries).
+            let batch = Batch::with_attention(&refs, &[7, 3, 9], 0, &Device::Cpu).unwrap();
+            let fused = model.forward(&batch).unwrap().to_vec3::<f32>().unwrap();
+            let reference = model
+                .forward_unfused(&batch)
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap();
+            for (row, seq) in sequences.iter().enumerate() {
+                for t in 0..seq.len() {
+                    for (a, b) in fused[row][t].iter().zip(&reference[row][t]) {
+                        assert!(
+                            (a - b).abs() < 1e-4,
+                            "alibi={alibi} row {row} token {t}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn alibi_slopes_follow_the_paper() {

@@ -1,0 +1,261 @@
+//! Dense layers: `x · Wᵀ` and the elementwise pass that follows it.
+
+use rayon::prelude::*;
+
+use super::{math, rows_per_task, simd_function};
+use crate::models::Activation;
+
+/// `x · w` for `x` of `m x k` and `w` of `k x n`, both row-major: `m x n`.
+///
+/// Linear layers keep their weights transposed (`k x n`, the transpose of PyTorch's layout) for
+/// this: gemm then reads the weight in place, where the PyTorch layout makes it repack the whole
+/// weight on every call, which costs as much as the product itself for a single short input.
+pub fn matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "lhs is not {m} x {k}");
+    assert_eq!(w.len(), k * n, "weight is not {k} x {n}");
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && m * n * k >= 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three buffers have the sizes asserted above, and the strides below stay inside
+    // them: all three are row-major.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    out
+}
+
+simd_function! {
+    fn bias_activation_rows(rows: &mut [f32], bias: Option<&[f32]>, activation: Option<Activation>) {
+        let n = bias.map_or(rows.len(), <[f32]>::len);
+        for row in rows.chunks_exact_mut(n) {
+            if let Some(bias) = bias {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+            match activation {
+                None => {}
+                Some(Activation::Gelu) => row.iter_mut().for_each(|v| *v = math::gelu(*v)),
+                Some(Activation::GeluTanh) => row.iter_mut().for_each(|v| *v = math::gelu_tanh(*v)),
+                Some(Activation::Relu) => row.iter_mut().for_each(|v| *v = math::relu(*v)),
+                Some(Activation::Silu) => row.iter_mut().for_each(|v| *v = math::silu(*v)),
+            }
+        }
+    }
+}
+
+/// Adds `bias` (length `n`) to every row of `out` and applies `activation`, in one pass.
+pub fn bias_activation(
+    out: &mut [f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    activation: Option<Activation>,
+) {
+    if bias.is_none() && activation.is_none() {
+        return;
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "bias length");
+    }
+    out.par_chunks_mut(rows_per_task(n) * n)
+        .for_each(|rows| bias_activation_rows(rows, bias, activation));
+}
+
+simd_function! {
+    fn gated_rows(both: &[f32], out: &mut [f32], width: usize, activation: Activation) {
+        for (pair, row) in both.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
+            let (gate, value) = pair.split_at(width);
+            match activation {
+                Activation::Gelu => {
+                    for ((o, g), v) in row.iter_mut().zip(gate).zip(value) {
+                        *o = math::gelu(*g) * v;
+                    }
+                }
+                Activation::GeluTanh => {
+                    for ((o, g), v) in row.iter_mut().zip(gate).zip(value) {
+                        *o = math::gelu_tanh(*g) * v;
+                    }
+                }
+                Activation::Relu => {
+                    for ((o, g), v) in row.iter_mut().zip(gate).zip(value) {
+                        *o = math::relu(*g) * v;
+                    }
+                }
+                Activation::Silu => {
+                    for ((o, g), v) in row.iter_mut().zip(gate).zip(value) {
+                        *o = math::silu(*g) * v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// GLU feed-forward: rows of `both` are `[gate | value]` (each `width` wide); returns
+/// `activation(gate) * value` per row.
+pub fn gated_activation(both: &[f32], width: usize, activation: Activation) -> Vec<f32> {
+    let rows = both.len() / (2 * width);
+    let mut out = vec![0f32; rows * width];
+    let per_task = rows_per_task(width);
+    out.par_chunks_mut(per_task * width)
+        .zip(both.par_chunks(per_task * 2 * width))
+        .for_each(|(out, both)| gated_rows(both, out, width, activation));
+    out
+}
+
+simd_function! {
+    fn residual_layer_norm_rows(
+        rows: &mut [f32],
+        residual: &[f32],
+        bias: Option<&[f32]>,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        let n = gamma.len();
+        for (row, res) in rows.chunks_exact_mut(n).zip(residual.chunks_exact(n)) {
+            match bias {
+                Some(bias) => {
+                    for ((v, r), b) in row.iter_mut().zip(res).zip(bias) {
+                        *v += r + b;
+                    }
+                }
+                None => {
+                    for (v, r) in row.iter_mut().zip(res) {
+                        *v += r;
+                    }
+                }
+            }
+            let mean = math::sum(row) / n as f32;
+            row.iter_mut().for_each(|v| *v -= mean);
+            let mut squares = [0f32; math::LANES];
+            let chunks = row.chunks_exact(math::LANES);
+            let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+            for c in chunks {
+                for i in 0..math::LANES {
+                    squares[i] += c[i] * c[i];
+                }
+            }
+            let var = (squares.iter().sum::<f32>() + tail) / n as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                *v = *v * inv * g + b;
+            }
+        }
+    }
+}
+
+/// `out = LayerNorm(out + bias + residual)` row by row, in place (post-norm residual blocks).
+pub fn bias_residual_layer_norm(
+    out: &mut [f32],
+    residual: &[f32],
+    bias: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    let n = gamma.len();
+    assert_eq!(out.len(), residual.len(), "residual shape");
+    assert_eq!(beta.len(), n, "LayerNorm beta length");
+    let per_task = rows_per_task(n) * n;
+    out.par_chunks_mut(per_task)
+        .zip(residual.par_chunks(per_task))
+        .for_each(|(rows, res)| residual_layer_norm_rows(rows, res, bias, gamma, beta, eps));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|t| x[i * k + t] * w[t * n + j]).sum();
+            }
+        }
+        out
+    }
+
+    fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matmul_matches_the_definition() {
+        for (m, k, n) in [(1, 3, 2), (7, 33, 5), (40, 64, 48)] {
+            let x = pseudo_random(m * k, 1);
+            let w = pseudo_random(n * k, 2);
+            let got = matmul(&x, m, k, &w, n);
+            let want = naive_matmul(&x, m, k, &w, n);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn bias_gelu_and_gated_rows() {
+        let mut rows = vec![0.0f32, 1.0, -1.0, 2.0];
+        bias_activation(&mut rows, 2, Some(&[1.0, 0.0]), Some(Activation::Gelu));
+        let want = [1.0f32, 1.0, 0.0, 2.0].map(math::gelu);
+        assert_eq!(rows, want);
+        let both = vec![1.0f32, 2.0, 3.0, 4.0];
+        assert_eq!(gated_activation(&both, 2, Activation::Relu), vec![3.0, 8.0]);
+    }
+
+    #[test]
+    fn residual_layer_norm_normalizes_each_row() {
+        let mut out = vec![1.0f32, 2.0, 3.0, 10.0, 10.0, 10.0];
+        let residual = vec![0.0f32, 0.0, 0.0, 1.0, 2.0, 3.0];
+        bias_residual_layer_norm(
+            &mut out,
+            &residual,
+            Some(&[1.0, 1.0, 1.0]),
+            &[1.0, 1.0, 2.0],
+            &[0.0, 0.5, 0.0],
+            1e-12,
+        );
+        // Row 0 is 2,3,4 and row 1 is 12,13,14: both normalize to -1.2247, 0, 1.2247.
+        let z = 1.224_744_9f32;
+        for row in out.chunks(3) {
+            assert!((row[0] + z).abs() < 1e-5 && (row[1] - 0.5).abs() < 1e-5);
+            assert!((row[2] - 2.0 * z).abs() < 1e-5, "{row:?}");
+        }
+    }
+}
