@@ -152,6 +152,31 @@ fn start_up_failures_name_the_model_and_file() {
 }
 
 #[test]
+fn bf16_serves_vectors_close_to_f32_or_refuses_to_start() {
+    let err = Server::try_start(&["--dtype", "fp8"]).err().unwrap();
+    assert!(err.contains("unknown dtype 'fp8'"), "{err}");
+
+    let cpu_has_bf16 = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.contains("avx512_bf16"))
+        .unwrap_or(false);
+    if !cpu_has_bf16 {
+        let err = Server::try_start(&["--dtype", "bf16"]).err().unwrap();
+        assert!(err.contains("AVX-512 BF16"), "{err}");
+        return;
+    }
+    let texts = json!([
+        "a cat sat on the mat",
+        "quarterly revenue grew by four percent"
+    ]);
+    let exact = vectors(&Server::start(&[]).embed(texts.clone(), json!({})));
+    let reduced = vectors(&Server::start(&["--dtype", "bf16"]).embed(texts, json!({})));
+    for (a, b) in exact.iter().zip(&reduced) {
+        let c = cosine(a, b);
+        assert!(c >= 0.999 && c < 1.0, "cosine {c}");
+    }
+}
+
+#[test]
 fn several_models_in_one_server() {
     let dir = weights_dir().join(MODEL);
     let second = format!("minilm-copy={}", dir.display());

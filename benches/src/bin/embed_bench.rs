@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use embedd_runtime::embedder::EmbedderSpec;
-use embedd_runtime::{DeviceSpec, ModelSource, SchedulerConfig, TextEmbedder};
+use embedd_runtime::{DeviceSpec, ModelSource, Precision, SchedulerConfig, TextEmbedder};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -28,6 +28,9 @@ struct Args {
     model: String,
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
     batches: Vec<usize>,
+    /// Number format for the in-process runs: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
     /// Seconds per measurement (after one warm-up pass).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
@@ -99,6 +102,7 @@ fn main() -> anyhow::Result<()> {
             pooling: None,
             max_tokens: None,
             device: DeviceSpec::Cpu,
+            precision: args.dtype,
             scheduler: SchedulerConfig::default(),
         })?;
         let rt = tokio::runtime::Builder::new_current_thread().build()?;
@@ -108,7 +112,11 @@ fn main() -> anyhow::Result<()> {
                 let out = rt.block_on(model.embed(items))?;
                 Ok(out.tokens)
             })?;
-            report("embedd-inprocess", batch, &m);
+            let engine = match args.dtype {
+                Precision::F32 => "embedd-inprocess".to_string(),
+                other => format!("embedd-inprocess-{other}"),
+            };
+            report(&engine, batch, &m);
         }
     }
 

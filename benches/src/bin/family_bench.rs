@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use embedd_runtime::embedder::EmbedderSpec;
-use embedd_runtime::{DeviceSpec, ModelSource, SchedulerConfig, TextEmbedder};
+use embedd_runtime::{DeviceSpec, ModelSource, Precision, SchedulerConfig, TextEmbedder};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         pooling: None,
         max_tokens: Some(args.tokens),
         device: DeviceSpec::Cpu,
+        precision: Precision::F32,
         scheduler: SchedulerConfig {
             max_batch_tokens: (args.tokens * args.batch).max(16_384),
             ..SchedulerConfig::default()

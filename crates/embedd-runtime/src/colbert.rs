@@ -12,10 +12,10 @@ use candle_nn::Linear;
 use serde_json::Value;
 
 use crate::batch::Batch;
-use crate::device::DeviceSpec;
+use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::{read_json, ModelDir, ModelSource};
-use crate::models::{bert_config, open_weights, weights_error, BertModel, Encoder};
+use crate::models::{bert_config, open_weights, set_precision, weights_error, BertModel, Encoder};
 use crate::scheduler::{BatchScheduler, SchedulerConfig, TokenCost};
 use crate::tokenize::{TextTokenizer, TokenSequence};
 
@@ -105,6 +105,7 @@ pub struct ColbertSpec {
     pub name: String,
     pub source: ModelSource,
     pub device: DeviceSpec,
+    pub precision: Precision,
     pub scheduler: SchedulerConfig,
 }
 
@@ -140,7 +141,9 @@ impl ColbertModel {
         let device = spec.device.open()?;
         let config = bert_config(&dir, &dir.read_config()?)?;
         let vb = open_weights(&dir, &device)?;
-        let encoder = BertModel::load(vb.clone(), &config).map_err(|e| weights_error(&dir, e))?;
+        let mut encoder =
+            BertModel::load(vb.clone(), &config).map_err(|e| weights_error(&dir, e))?;
+        set_precision(&mut encoder, spec.precision)?;
         let projection =
             vb.get_unchecked("linear.weight")
                 .map_err(|e| RuntimeError::ModelFile {

@@ -30,6 +30,38 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// The number format a model computes in, as named on the command line (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Float32 throughout: exact parity with float32 references.
+    #[default]
+    F32,
+    /// Dense layers in bfloat16 with float32 sums (CPUs with AVX-512 BF16); attention, softmax
+    /// and LayerNorm stay float32.
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown dtype '{s}': expected f32 or bf16")),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::F32 => write!(f, "f32"),
+            Self::Bf16 => write!(f, "bf16"),
+        }
+    }
+}
+
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

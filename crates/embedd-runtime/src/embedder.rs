@@ -6,11 +6,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::batch::Batch;
-use crate::device::DeviceSpec;
+use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::{ModelDir, ModelSource};
 use crate::models::{
-    bert_config, open_weights, weights_error, BertModel, Encoder, T5Config, T5EncoderModel,
+    bert_config, open_weights, set_precision, weights_error, BertModel, Encoder, T5Config,
+    T5EncoderModel,
 };
 use crate::pooling::Pooling;
 use crate::scheduler::{BatchScheduler, Priority, SchedulerConfig, TokenCost};
@@ -26,6 +27,7 @@ pub struct EmbedderSpec {
     /// Overrides the model's own maximum input length (capped by its position table).
     pub max_tokens: Option<usize>,
     pub device: DeviceSpec,
+    pub precision: Precision,
     pub scheduler: SchedulerConfig,
 }
 
@@ -66,7 +68,11 @@ const DEFAULT_MAX_TOKENS: usize = 512;
 
 /// Loads the encoder named by `config.json`'s `model_type`; returns it and the length its
 /// position table allows (`None`: no table, as T5's relative buckets).
-fn load_encoder(dir: &ModelDir, device: &Device) -> Result<(Box<dyn Encoder>, Option<usize>)> {
+fn load_encoder(
+    dir: &ModelDir,
+    device: &Device,
+    precision: Precision,
+) -> Result<(Box<dyn Encoder>, Option<usize>)> {
     let raw = dir.read_config()?;
     if raw.get("model_type").and_then(|v| v.as_str()) == Some("t5") {
         let config: T5Config =
@@ -76,12 +82,19 @@ fn load_encoder(dir: &ModelDir, device: &Device) -> Result<(Box<dyn Encoder>, Op
                 reason: e.to_string(),
             })?;
         let vb = open_weights(dir, device)?;
+        if precision != Precision::F32 {
+            return Err(RuntimeError::Precision {
+                precision: precision.to_string(),
+                reason: "reduced precision is implemented for BERT-family encoders only".into(),
+            });
+        }
         let model = T5EncoderModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
         return Ok((Box::new(model), None));
     }
     let config = bert_config(dir, &raw)?;
     let vb = open_weights(dir, device)?;
-    let model = BertModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
+    let mut model = BertModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
+    set_precision(&mut model, precision)?;
     Ok((Box::new(model), Some(config.max_tokens())))
 }
 
@@ -89,7 +102,7 @@ impl TextEmbedder {
     pub fn load(spec: &EmbedderSpec) -> Result<Self> {
         let dir = ModelDir::resolve(&spec.source, &[])?;
         let device = spec.device.open()?;
-        let (encoder, position_limit) = load_encoder(&dir, &device)?;
+        let (encoder, position_limit) = load_encoder(&dir, &device, spec.precision)?;
         let st = &dir.sentence_transformers;
         let max_tokens = spec
             .max_tokens

@@ -32,6 +32,9 @@ pub enum RuntimeError {
     Hub(String),
     #[error("device: {0}")]
     Device(String),
+    /// The requested number format cannot run this model here.
+    #[error("dtype {precision}: {reason}")]
+    Precision { precision: String, reason: String },
     #[error("inference: {0}")]
     Inference(#[from] candle_core::Error),
 }

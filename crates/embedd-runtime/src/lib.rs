@@ -17,7 +17,7 @@ pub mod scheduler;
 pub mod tokenize;
 
 pub use colbert::{max_sim, ColbertModel, Side, TokenVectors};
-pub use device::DeviceSpec;
+pub use device::{DeviceSpec, Precision};
 pub use embedder::{Embedded, TextEmbedder};
 pub use error::RuntimeError;
 pub use model_dir::{ModelDir, ModelSource};

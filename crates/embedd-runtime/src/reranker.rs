@@ -1,11 +1,11 @@
 //! A served cross-encoder: (query, document) pairs scored behind a [`BatchScheduler`].
 
 use crate::batch::Batch;
-use crate::device::DeviceSpec;
+use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::{ModelDir, ModelSource};
 use crate::models::{
-    bert_config, open_weights, weights_error, ScoreActivation, SequenceClassifier,
+    bert_config, open_weights, set_precision, weights_error, ScoreActivation, SequenceClassifier,
 };
 use crate::scheduler::{BatchScheduler, SchedulerConfig};
 use crate::tokenize::{TextTokenizer, TokenSequence};
@@ -16,6 +16,7 @@ pub struct RerankerSpec {
     pub source: ModelSource,
     pub max_tokens: Option<usize>,
     pub device: DeviceSpec,
+    pub precision: Precision,
     pub scheduler: SchedulerConfig,
 }
 
@@ -51,8 +52,9 @@ impl CrossEncoder {
             });
         }
         let activation = ScoreActivation::from_config(&raw);
-        let model = SequenceClassifier::load(open_weights(&dir, &device)?, &config, activation)
+        let mut model = SequenceClassifier::load(open_weights(&dir, &device)?, &config, activation)
             .map_err(|e| weights_error(&dir, e))?;
+        set_precision(model.encoder_mut(), spec.precision)?;
         let max_tokens = spec
             .max_tokens
             .or(dir.sentence_transformers.max_seq_length)

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use embedd_runtime::colbert::{ColbertSpec, Side};
-use embedd_runtime::{max_sim, ColbertModel, DeviceSpec, ModelSource, SchedulerConfig};
+use embedd_runtime::{max_sim, ColbertModel, DeviceSpec, ModelSource, Precision, SchedulerConfig};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -16,6 +16,7 @@ fn load() -> ColbertModel {
         name: "tiny-colbert".into(),
         source: ModelSource::Local(fixtures().join("models/tiny-colbert")),
         device: DeviceSpec::Cpu,
+        precision: Precision::F32,
         scheduler: SchedulerConfig {
             max_batch_tokens: 256,
             max_batch_size: 4,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use embedd_runtime::embedder::EmbedderSpec;
 use embedd_runtime::reranker::RerankerSpec;
 use embedd_runtime::{
-    CrossEncoder, DeviceSpec, ModelSource, Pooling, SchedulerConfig, TextEmbedder,
+    CrossEncoder, DeviceSpec, ModelSource, Pooling, Precision, SchedulerConfig, TextEmbedder,
 };
 use serde_json::Value;
 
@@ -42,6 +42,7 @@ fn embedder(scheduler: SchedulerConfig) -> TextEmbedder {
         pooling: None,
         max_tokens: None,
         device: DeviceSpec::Cpu,
+        precision: Precision::F32,
         scheduler,
     })
     .unwrap()
@@ -104,6 +105,7 @@ fn jina_reranker_layout_scores_match_the_reference() {
         source: ModelSource::Local(fixtures().join("models/tiny-jina-reranker")),
         max_tokens: None,
         device: DeviceSpec::Cpu,
+        precision: Precision::F32,
         scheduler: SchedulerConfig::default(),
     })
     .unwrap();
@@ -126,6 +128,7 @@ fn jina_colbert_layout_token_vectors_match_the_reference() {
         name: "tiny-jina-colbert".into(),
         source: ModelSource::Local(fixtures().join("models/tiny-jina-colbert")),
         device: DeviceSpec::Cpu,
+        precision: Precision::F32,
         scheduler: SchedulerConfig::default(),
     })
     .unwrap();

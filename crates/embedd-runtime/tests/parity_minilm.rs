@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use embedd_runtime::embedder::EmbedderSpec;
-use embedd_runtime::{DeviceSpec, ModelSource, RuntimeError, SchedulerConfig, TextEmbedder};
+use embedd_runtime::{
+    DeviceSpec, ModelSource, Precision, RuntimeError, SchedulerConfig, TextEmbedder,
+};
 use serde_json::Value;
 
 fn workspace() -> PathBuf {
@@ -30,12 +32,17 @@ fn fixture() -> Value {
 }
 
 fn load(scheduler: SchedulerConfig) -> TextEmbedder {
+    load_as(scheduler, Precision::F32)
+}
+
+fn load_as(scheduler: SchedulerConfig, precision: Precision) -> TextEmbedder {
     TextEmbedder::load(&EmbedderSpec {
         name: "all-MiniLM-L6-v2".into(),
         source: ModelSource::Local(model_dir()),
         pooling: None,
         max_tokens: None,
         device: DeviceSpec::Cpu,
+        precision,
         scheduler,
     })
     .unwrap()
@@ -58,6 +65,10 @@ fn texts(f: &Value) -> Vec<String> {
 }
 
 fn check_against_reference(model: &TextEmbedder, f: &Value) {
+    check_within(model, f, 0.9999);
+}
+
+fn check_within(model: &TextEmbedder, f: &Value, min_cosine: f64) {
     let texts = texts(f);
     assert!(texts.len() >= 100);
     let items = model.prepare(&texts, true).unwrap();
@@ -78,7 +89,7 @@ fn check_against_reference(model: &TextEmbedder, f: &Value) {
             .collect();
         assert_eq!(ours.len(), theirs.len());
         let c = cosine(ours, &theirs);
-        assert!(c >= 0.9999, "text {i} {:?}: cosine {c}", &texts[i]);
+        assert!(c >= min_cosine, "text {i} {:?}: cosine {c}", &texts[i]);
     }
 }
 
@@ -86,6 +97,20 @@ fn check_against_reference(model: &TextEmbedder, f: &Value) {
 fn every_fixture_vector_matches_sentence_transformers() {
     let f = fixture();
     check_against_reference(&load(SchedulerConfig::default()), &f);
+}
+
+#[test]
+fn bf16_vectors_keep_cosine_0_999_with_sentence_transformers() {
+    if !embedd_runtime::kernels::bf16::available() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16");
+        return;
+    }
+    let f = fixture();
+    check_within(
+        &load_as(SchedulerConfig::default(), Precision::Bf16),
+        &f,
+        0.999,
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use embedd_runtime::embedder::EmbedderSpec;
-use embedd_runtime::{DeviceSpec, ModelSource, SchedulerConfig, TextEmbedder};
+use embedd_runtime::{DeviceSpec, ModelSource, Precision, SchedulerConfig, TextEmbedder};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -22,6 +22,7 @@ fn check(name: &str) {
         // T5 has no position table: a longer limit than sentence_bert_config's 512 is allowed.
         max_tokens: Some(2048),
         device: DeviceSpec::Cpu,
+        precision: Precision::F32,
         scheduler: SchedulerConfig::default(),
     })
     .unwrap();
@@ -67,6 +68,7 @@ fn t5_defaults_to_its_sentence_transformers_length() {
         pooling: None,
         max_tokens: None,
         device: DeviceSpec::Cpu,
+        precision: Precision::F32,
         scheduler: SchedulerConfig::default(),
     })
     .unwrap();

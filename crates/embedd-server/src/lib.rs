@@ -51,6 +51,7 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
                     name: choice.name.clone(),
                     source: choice.source.clone(),
                     device: config.device,
+                    precision: config.dtype,
                     scheduler,
                 })
                 .with_context(|| {
@@ -67,6 +68,7 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
                     source: choice.source.clone(),
                     max_tokens: choice.max_tokens,
                     device: config.device,
+                    precision: config.dtype,
                     scheduler,
                 })
                 .with_context(|| {
@@ -81,6 +83,7 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
                     pooling: choice.pooling,
                     max_tokens: choice.max_tokens,
                     device: config.device,
+                    precision: config.dtype,
                     scheduler,
                 })
                 .with_context(|| {

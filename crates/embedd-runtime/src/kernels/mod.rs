@@ -10,12 +10,14 @@
 //! Elementwise loops are compiled three times (AVX-512, AVX2+FMA, baseline) and picked at run time.
 
 pub mod attention;
+pub mod bf16;
 pub mod dense;
 pub mod math;
 
 use candle_core::{DType, Device, Tensor};
 
 pub use attention::{attention, AttentionShape};
+pub use bf16::PackedBf16;
 pub use dense::{bias_activation, bias_residual_layer_norm, gated_activation, matmul};
 
 /// Defines a function whose body is compiled for AVX-512 and AVX2 as well as the baseline, and

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::{Activation, Encoder};
+use super::{Activation, Dense, Encoder};
 use crate::batch::Batch;
 use crate::kernels::{self, AttentionShape, HostSlice};
 
@@ -130,8 +130,8 @@ impl BertEmbeddings {
 
 struct BertAttention {
     /// Query, key and value projections fused into one matmul.
-    qkv: Linear,
-    output: Linear,
+    qkv: Dense,
+    output: Dense,
     layer_norm: LayerNorm,
     num_heads: usize,
     head_dim: usize,
@@ -159,7 +159,7 @@ impl BertAttention {
             .iter()
             .map(|n| sv.pp(n).get(h, "bias"))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let qkv = host_layout(Linear::new(
+        let qkv = Dense::new(Linear::new(
             Tensor::cat(&weights, 0)?,
             Some(Tensor::cat(&biases, 0)?),
         ))?;
@@ -169,7 +169,7 @@ impl BertAttention {
             .then(|| alibi_slopes(config.num_attention_heads));
         Ok(Self {
             qkv,
-            output: host_layout(candle_nn::linear(h, h, vb.pp("output.dense"))?)?,
+            output: Dense::new(candle_nn::linear(h, h, vb.pp("output.dense"))?)?,
             layer_norm: layer_norm(vb.pp("output.LayerNorm"), h, config.layer_norm_eps)?,
             num_heads: config.num_attention_heads,
             head_dim,
@@ -189,8 +189,8 @@ impl BertAttention {
     /// The fused CPU path over packed rows (see [`kernels`]): `x` is `rows x hidden`.
     fn forward_packed(&self, x: &[f32], rows: &Rows) -> candle_core::Result<Vec<f32>> {
         let h = self.num_heads * self.head_dim;
-        let mut qkv = dense(x, rows.total(), &self.qkv)?;
-        kernels::bias_activation(&mut qkv, 3 * h, host_bias(&self.qkv)?.as_deref(), None);
+        let mut qkv = self.qkv.forward_host(x, rows.total())?;
+        kernels::bias_activation(&mut qkv, 3 * h, self.qkv.host_bias()?.as_deref(), None);
         let shape = AttentionShape {
             heads: self.num_heads,
             head_dim: self.head_dim,
@@ -204,7 +204,7 @@ impl BertAttention {
             self.alibi_host.as_deref(),
         );
         drop(qkv);
-        let mut out = dense(&context, rows.total(), &self.output)?;
+        let mut out = self.output.forward_host(&context, rows.total())?;
         layer_norm_residual(&mut out, x, &self.output, &self.layer_norm, self.eps)?;
         Ok(out)
     }
@@ -246,16 +246,16 @@ impl BertAttention {
 enum FeedForward {
     /// BERT: `intermediate.dense`, activation, `output.dense`, `output.LayerNorm`.
     Plain {
-        intermediate: Linear,
-        output: Linear,
+        intermediate: Dense,
+        output: Dense,
         layer_norm: LayerNorm,
         activation: Activation,
     },
     /// JinaBERT: `mlp.gated_layers` (no bias) gives [gate | value]; activation(gate) * value,
     /// then `mlp.wo` and `mlp.layernorm`.
     Gated {
-        gated_layers: Linear,
-        wo: Linear,
+        gated_layers: Dense,
+        wo: Dense,
         layer_norm: LayerNorm,
         activation: Activation,
         intermediate_size: usize,
@@ -273,11 +273,11 @@ impl FeedForward {
                 activation,
             } => {
                 let i = intermediate.weight().dim(0)?;
-                let mut inner = dense(x, rows, intermediate)?;
+                let mut inner = intermediate.forward_host(x, rows)?;
                 kernels::bias_activation(
                     &mut inner,
                     i,
-                    host_bias(intermediate)?.as_deref(),
+                    intermediate.host_bias()?.as_deref(),
                     Some(*activation),
                 );
                 (inner, output, layer_norm)
@@ -289,12 +289,12 @@ impl FeedForward {
                 activation,
                 intermediate_size,
             } => {
-                let both = dense(x, rows, gated_layers)?;
+                let both = gated_layers.forward_host(x, rows)?;
                 let inner = kernels::gated_activation(&both, *intermediate_size, *activation);
                 (inner, wo, layer_norm)
             }
         };
-        let mut out = dense(&inner, rows, output)?;
+        let mut out = output.forward_host(&inner, rows)?;
         layer_norm_residual(&mut out, x, output, layer_norm, eps)?;
         Ok(out)
     }
@@ -308,19 +308,19 @@ impl FeedForward {
         if config.gated_feed_forward() {
             let mlp = vb.pp("mlp");
             return Ok(FeedForward::Gated {
-                gated_layers: host_layout(Linear::new(
+                gated_layers: Dense::new(Linear::new(
                     mlp.pp("gated_layers").get((2 * i, h), "weight")?,
                     None,
                 ))?,
-                wo: host_layout(candle_nn::linear(i, h, mlp.pp("wo"))?)?,
+                wo: Dense::new(candle_nn::linear(i, h, mlp.pp("wo"))?)?,
                 layer_norm: layer_norm(mlp.pp("layernorm"), h, eps)?,
                 activation: config.hidden_act,
                 intermediate_size: i,
             });
         }
         Ok(FeedForward::Plain {
-            intermediate: host_layout(candle_nn::linear(h, i, vb.pp("intermediate.dense"))?)?,
-            output: host_layout(candle_nn::linear(i, h, vb.pp("output.dense"))?)?,
+            intermediate: Dense::new(candle_nn::linear(h, i, vb.pp("intermediate.dense"))?)?,
+            output: Dense::new(candle_nn::linear(i, h, vb.pp("output.dense"))?)?,
             layer_norm: layer_norm(vb.pp("output.LayerNorm"), h, eps)?,
             activation: config.hidden_act,
         })
@@ -385,34 +385,11 @@ impl Rows {
     }
 }
 
-/// `x · Wᵀ` for a Linear layer whose weight is stored transposed (see [`host_layout`]); the
-/// bias is left to the pass that follows.
-fn dense(x: &[f32], rows: usize, linear: &Linear) -> candle_core::Result<Vec<f32>> {
-    let (n, k) = linear.weight().dims2()?;
-    let transposed = linear.weight().t()?;
-    let weight = HostSlice::of(&transposed)?;
-    Ok(kernels::matmul(x, rows, k, &weight, n))
-}
-
-/// On the CPU in float32, stores a Linear weight transposed in memory (the same tensor to candle)
-/// so the fused path's products read it in place.
-fn host_layout(linear: Linear) -> candle_core::Result<Linear> {
-    if !kernels::on_cpu_f32(linear.weight()) {
-        return Ok(linear);
-    }
-    let weight = linear.weight().t()?.contiguous()?.t()?;
-    Ok(Linear::new(weight, linear.bias().cloned()))
-}
-
-fn host_bias(linear: &Linear) -> candle_core::Result<Option<HostSlice<'_>>> {
-    linear.bias().map(HostSlice::of).transpose()
-}
-
 /// `out = LayerNorm(out + projection bias + residual)` on the fused path.
 fn layer_norm_residual(
     out: &mut [f32],
     residual: &[f32],
-    projection: &Linear,
+    projection: &Dense,
     layer_norm: &LayerNorm,
     eps: f32,
 ) -> candle_core::Result<()> {
@@ -422,7 +399,7 @@ fn layer_norm_residual(
     kernels::bias_residual_layer_norm(
         out,
         residual,
-        host_bias(projection)?.as_deref(),
+        projection.host_bias()?.as_deref(),
         &HostSlice::of(layer_norm.weight())?,
         &HostSlice::of(beta)?,
         eps,
@@ -487,6 +464,38 @@ impl BertModel {
             hidden = layer.forward(&hidden, &mask_bias)?;
         }
         Ok(hidden)
+    }
+
+    /// Runs the dense layers with bfloat16 weights and inputs (float32 sums, attention and
+    /// LayerNorm): the reduced-precision CPU path. Needs AVX-512 BF16.
+    pub fn use_bf16(&mut self) -> candle_core::Result<()> {
+        if !kernels::bf16::available() {
+            candle_core::bail!("bf16 needs a CPU with AVX-512 BF16 (avx512_bf16); use f32")
+        }
+        for layer in &mut self.layers {
+            if !kernels::on_cpu_f32(layer.attention.qkv.weight()) {
+                candle_core::bail!("bf16 on the fused path needs a float32 model on the CPU")
+            }
+            layer.attention.qkv.use_bf16()?;
+            layer.attention.output.use_bf16()?;
+            match &mut layer.feed_forward {
+                FeedForward::Plain {
+                    intermediate,
+                    output,
+                    ..
+                } => {
+                    intermediate.use_bf16()?;
+                    output.use_bf16()?;
+                }
+                FeedForward::Gated {
+                    gated_layers, wo, ..
+                } => {
+                    gated_layers.use_bf16()?;
+                    wo.use_bf16()?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The fused float32 CPU path: padding removed, layers run by [`kernels`].

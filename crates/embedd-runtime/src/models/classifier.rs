@@ -97,6 +97,10 @@ impl SequenceClassifier {
         })
     }
 
+    pub fn encoder_mut(&mut self) -> &mut BertModel {
+        &mut self.encoder
+    }
+
     /// Scores `[batch]` after the activation.
     pub fn score(&self, batch: &Batch) -> candle_core::Result<Tensor> {
         let hidden = self.encoder.forward(batch)?;

@@ -2,17 +2,20 @@
 
 pub mod bert;
 pub mod classifier;
+pub mod dense;
 pub mod t5;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::batch::Batch;
+use crate::device::Precision;
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::ModelDir;
 
 pub use bert::{BertConfig, BertModel};
 pub use classifier::{ScoreActivation, SequenceClassifier};
+pub use dense::Dense;
 pub use t5::{T5Config, T5EncoderModel};
 
 /// Interprets `config.json` (as read from `dir`) as a BERT-family config, refusing what this
@@ -86,6 +89,17 @@ pub(crate) fn weights_error(dir: &ModelDir, e: candle_core::Error) -> RuntimeErr
     RuntimeError::ModelFile {
         path: dir.weights.clone(),
         reason: format!("weights do not match config.json: {e}"),
+    }
+}
+
+/// Switches a loaded BERT-family encoder to `precision`.
+pub fn set_precision(model: &mut BertModel, precision: Precision) -> Result<()> {
+    match precision {
+        Precision::F32 => Ok(()),
+        Precision::Bf16 => model.use_bf16().map_err(|e| RuntimeError::Precision {
+            precision: precision.to_string(),
+            reason: e.to_string(),
+        }),
     }
 }
 
