@@ -89,9 +89,16 @@ pub fn bias_activation(
 }
 
 simd_function! {
-    fn gated_rows(both: &[f32], out: &mut [f32], width: usize, activation: Activation) {
+    fn gated_rows(
+        both: &[f32],
+        out: &mut [f32],
+        width: usize,
+        activation: Activation,
+        gate_first: bool,
+    ) {
         for (pair, row) in both.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
-            let (gate, value) = pair.split_at(width);
+            let (first, second) = pair.split_at(width);
+            let (gate, value) = if gate_first { (first, second) } else { (second, first) };
             match activation {
                 Activation::Gelu => {
                     for ((o, g), v) in row.iter_mut().zip(gate).zip(value) {
@@ -118,15 +125,20 @@ simd_function! {
     }
 }
 
-/// GLU feed-forward: rows of `both` are `[gate | value]` (each `width` wide); returns
-/// `activation(gate) * value` per row.
-pub fn gated_activation(both: &[f32], width: usize, activation: Activation) -> Vec<f32> {
+/// GLU feed-forward: rows of `both` are `[gate | value]` (`[value | gate]` unless
+/// `gate_first`), each `width` wide; returns `activation(gate) * value` per row.
+pub fn gated_activation(
+    both: &[f32],
+    width: usize,
+    activation: Activation,
+    gate_first: bool,
+) -> Vec<f32> {
     let rows = both.len() / (2 * width);
     let mut out = vec![0f32; rows * width];
     let per_task = rows_per_task(width);
     out.par_chunks_mut(per_task * width)
         .zip(both.par_chunks(per_task * 2 * width))
-        .for_each(|(out, both)| gated_rows(both, out, width, activation));
+        .for_each(|(out, both)| gated_rows(both, out, width, activation, gate_first));
     out
 }
 
@@ -153,23 +165,60 @@ simd_function! {
                     }
                 }
             }
-            let mean = math::sum(row) / n as f32;
-            row.iter_mut().for_each(|v| *v -= mean);
-            let mut squares = [0f32; math::LANES];
-            let chunks = row.chunks_exact(math::LANES);
-            let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-            for c in chunks {
-                for i in 0..math::LANES {
-                    squares[i] += c[i] * c[i];
-                }
-            }
-            let var = (squares.iter().sum::<f32>() + tail) / n as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
-                *v = *v * inv * g + b;
-            }
+            normalize(row, gamma, beta, eps);
         }
     }
+}
+
+#[inline(always)]
+fn normalize(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let n = row.len();
+    let mean = math::sum(row) / n as f32;
+    row.iter_mut().for_each(|v| *v -= mean);
+    let mut squares = [0f32; math::LANES];
+    let chunks = row.chunks_exact(math::LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for i in 0..math::LANES {
+            squares[i] += c[i] * c[i];
+        }
+    }
+    let var = (squares.iter().sum::<f32>() + tail) / n as f32;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+        *v = *v * inv * g + b;
+    }
+}
+
+simd_function! {
+    fn layer_norm_column_rows(
+        rows: &mut [f32],
+        row_len: usize,
+        column: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        for row in rows.chunks_exact_mut(row_len) {
+            normalize(&mut row[column..column + gamma.len()], gamma, beta, eps);
+        }
+    }
+}
+
+/// LayerNorm, in place, of columns `column..column + gamma.len()` of every row (`row_len`
+/// wide): a norm over one part of fused projections, as the query of `[q | k | v]`.
+pub fn layer_norm_columns(
+    out: &mut [f32],
+    row_len: usize,
+    column: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    assert!(column + gamma.len() <= row_len, "columns outside the row");
+    assert_eq!(beta.len(), gamma.len(), "LayerNorm beta length");
+    out.par_chunks_mut(rows_per_task(row_len) * row_len)
+        .for_each(|rows| layer_norm_column_rows(rows, row_len, column, gamma, beta, eps));
 }
 
 /// `out = LayerNorm(out + bias + residual)` row by row, in place (post-norm residual blocks).
@@ -236,7 +285,15 @@ mod tests {
         let want = [1.0f32, 1.0, 0.0, 2.0].map(math::gelu);
         assert_eq!(rows, want);
         let both = vec![1.0f32, 2.0, 3.0, 4.0];
-        assert_eq!(gated_activation(&both, 2, Activation::Relu), vec![3.0, 8.0]);
+        assert_eq!(
+            gated_activation(&both, 2, Activation::Relu, true),
+            vec![3.0, 8.0]
+        );
+        let both = vec![1.0f32, 2.0, -3.0, 4.0];
+        assert_eq!(
+            gated_activation(&both, 2, Activation::Relu, false),
+            vec![0.0, 8.0]
+        );
     }
 
     #[test]

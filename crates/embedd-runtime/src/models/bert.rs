@@ -140,6 +140,8 @@ struct BertAttention {
     alibi_slopes: Option<Tensor>,
     /// The same slopes for the fused CPU path.
     alibi_host: Option<Vec<f32>>,
+    /// jina-bert-v2-qk-post-norm: LayerNorms on the whole query and key projections.
+    qk_norm: Option<(LayerNorm, LayerNorm)>,
     eps: f32,
 }
 
@@ -167,6 +169,14 @@ impl BertAttention {
         let alibi_host = config
             .uses_alibi()
             .then(|| alibi_slopes(config.num_attention_heads));
+        let qk_norm = if sv.contains_tensor("layer_norm_q.weight") {
+            Some((
+                layer_norm(sv.pp("layer_norm_q"), h, config.layer_norm_eps)?,
+                layer_norm(sv.pp("layer_norm_k"), h, config.layer_norm_eps)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             qkv,
             output: Dense::new(candle_nn::linear(h, h, vb.pp("output.dense"))?)?,
@@ -182,6 +192,7 @@ impl BertAttention {
                 None => None,
             },
             alibi_host,
+            qk_norm,
             eps: config.layer_norm_eps as f32,
         })
     }
@@ -191,6 +202,21 @@ impl BertAttention {
         let h = self.num_heads * self.head_dim;
         let mut qkv = self.qkv.forward_host(x, rows.total())?;
         kernels::bias_activation(&mut qkv, 3 * h, self.qkv.host_bias()?.as_deref(), None);
+        if let Some((norm_q, norm_k)) = &self.qk_norm {
+            for (column, norm) in [(0, norm_q), (h, norm_k)] {
+                let Some(beta) = norm.bias() else {
+                    candle_core::bail!("LayerNorm without a bias")
+                };
+                kernels::layer_norm_columns(
+                    &mut qkv,
+                    3 * h,
+                    column,
+                    &HostSlice::of(norm.weight())?,
+                    &HostSlice::of(beta)?,
+                    self.eps,
+                );
+            }
+        }
         let shape = AttentionShape {
             heads: self.num_heads,
             head_dim: self.head_dim,
@@ -205,7 +231,13 @@ impl BertAttention {
         );
         drop(qkv);
         let mut out = self.output.forward_host(&context, rows.total())?;
-        layer_norm_residual(&mut out, x, &self.output, &self.layer_norm, self.eps)?;
+        layer_norm_residual(
+            &mut out,
+            x,
+            self.output.host_bias()?.as_deref(),
+            &self.layer_norm,
+            self.eps,
+        )?;
         Ok(out)
     }
 
@@ -214,8 +246,11 @@ impl BertAttention {
         let (b, l, h) = hidden.dims3()?;
         let qkv = self.qkv.forward(hidden)?;
         let heads = |i: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(D::Minus1, i * h, h)?
-                .reshape((b, l, self.num_heads, self.head_dim))?
+            let mut part = qkv.narrow(D::Minus1, i * h, h)?;
+            if let (Some((norm_q, norm_k)), 0 | 1) = (&self.qk_norm, i) {
+                part = if i == 0 { norm_q } else { norm_k }.forward(&part)?;
+            }
+            part.reshape((b, l, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
@@ -252,13 +287,15 @@ enum FeedForward {
         activation: Activation,
     },
     /// JinaBERT: `mlp.gated_layers` (no bias) gives [gate | value]; activation(gate) * value,
-    /// then `mlp.wo` and `mlp.layernorm`.
+    /// then `mlp.wo` and `mlp.layernorm`. The qk-post-norm variant names them
+    /// `mlp.up_gated_layer` (giving [value | gate]), `mlp.down_layer` and `layer_norm_2`.
     Gated {
         gated_layers: Dense,
         wo: Dense,
         layer_norm: LayerNorm,
         activation: Activation,
         intermediate_size: usize,
+        gate_first: bool,
     },
 }
 
@@ -288,14 +325,16 @@ impl FeedForward {
                 layer_norm,
                 activation,
                 intermediate_size,
+                gate_first,
             } => {
                 let both = gated_layers.forward_host(x, rows)?;
-                let inner = kernels::gated_activation(&both, *intermediate_size, *activation);
+                let inner =
+                    kernels::gated_activation(&both, *intermediate_size, *activation, *gate_first);
                 (inner, wo, layer_norm)
             }
         };
         let mut out = output.forward_host(&inner, rows)?;
-        layer_norm_residual(&mut out, x, output, layer_norm, eps)?;
+        layer_norm_residual(&mut out, x, output.host_bias()?.as_deref(), layer_norm, eps)?;
         Ok(out)
     }
 
@@ -305,6 +344,20 @@ impl FeedForward {
             config.intermediate_size,
             config.layer_norm_eps,
         );
+        if vb.contains_tensor("mlp.up_gated_layer.weight") {
+            let mlp = vb.pp("mlp");
+            return Ok(FeedForward::Gated {
+                gated_layers: Dense::new(Linear::new(
+                    mlp.pp("up_gated_layer").get((2 * i, h), "weight")?,
+                    None,
+                ))?,
+                wo: Dense::new(candle_nn::linear(i, h, mlp.pp("down_layer"))?)?,
+                layer_norm: layer_norm(vb.pp("layer_norm_2"), h, eps)?,
+                activation: config.hidden_act,
+                intermediate_size: i,
+                gate_first: false,
+            });
+        }
         if config.gated_feed_forward() {
             let mlp = vb.pp("mlp");
             return Ok(FeedForward::Gated {
@@ -316,6 +369,7 @@ impl FeedForward {
                 layer_norm: layer_norm(mlp.pp("layernorm"), h, eps)?,
                 activation: config.hidden_act,
                 intermediate_size: i,
+                gate_first: true,
             });
         }
         Ok(FeedForward::Plain {
@@ -343,10 +397,16 @@ impl FeedForward {
                 layer_norm,
                 activation,
                 intermediate_size,
+                gate_first,
             } => {
                 let both = gated_layers.forward(x)?;
-                let gate = both.narrow(D::Minus1, 0, *intermediate_size)?;
-                let value = both.narrow(D::Minus1, *intermediate_size, *intermediate_size)?;
+                let first = both.narrow(D::Minus1, 0, *intermediate_size)?;
+                let second = both.narrow(D::Minus1, *intermediate_size, *intermediate_size)?;
+                let (gate, value) = if *gate_first {
+                    (first, second)
+                } else {
+                    (second, first)
+                };
                 let inner = (activation.apply(&gate)? * value)?;
                 layer_norm.forward(&(wo.forward(&inner)? + x)?)
             }
@@ -356,6 +416,9 @@ impl FeedForward {
 
 struct BertLayer {
     attention: BertAttention,
+    /// jina-bert-v2-qk-post-norm's `layer_norm_1`: a second residual LayerNorm over the
+    /// attention block's output and the layer's input.
+    input_norm: Option<LayerNorm>,
     feed_forward: FeedForward,
 }
 
@@ -385,11 +448,11 @@ impl Rows {
     }
 }
 
-/// `out = LayerNorm(out + projection bias + residual)` on the fused path.
+/// `out = LayerNorm(out + bias + residual)` on the fused path.
 fn layer_norm_residual(
     out: &mut [f32],
     residual: &[f32],
-    projection: &Dense,
+    bias: Option<&[f32]>,
     layer_norm: &LayerNorm,
     eps: f32,
 ) -> candle_core::Result<()> {
@@ -399,7 +462,7 @@ fn layer_norm_residual(
     kernels::bias_residual_layer_norm(
         out,
         residual,
-        projection.host_bias()?.as_deref(),
+        bias,
         &HostSlice::of(layer_norm.weight())?,
         &HostSlice::of(beta)?,
         eps,
@@ -409,19 +472,35 @@ fn layer_norm_residual(
 
 impl BertLayer {
     fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+        let input_norm = if vb.contains_tensor("layer_norm_1.weight") {
+            Some(layer_norm(
+                vb.pp("layer_norm_1"),
+                config.hidden_size,
+                config.layer_norm_eps,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             attention: BertAttention::load(vb.pp("attention"), config)?,
+            input_norm,
             feed_forward: FeedForward::load(&vb, config)?,
         })
     }
 
     fn forward(&self, hidden: &Tensor, mask_bias: &Tensor) -> candle_core::Result<Tensor> {
-        let attended = self.attention.forward(hidden, mask_bias)?;
+        let mut attended = self.attention.forward(hidden, mask_bias)?;
+        if let Some(norm) = &self.input_norm {
+            attended = norm.forward(&(attended + hidden)?)?;
+        }
         self.feed_forward.forward(&attended)
     }
 
     fn forward_packed(&self, x: &[f32], rows: &Rows) -> candle_core::Result<Vec<f32>> {
-        let attended = self.attention.forward_packed(x, rows)?;
+        let mut attended = self.attention.forward_packed(x, rows)?;
+        if let Some(norm) = &self.input_norm {
+            layer_norm_residual(&mut attended, x, None, norm, self.attention.eps)?;
+        }
         self.feed_forward
             .forward_packed(&attended, rows.total(), self.attention.eps)
     }
@@ -625,7 +704,7 @@ mod tests {
     use crate::tokenize::TokenSequence;
 
     /// A random-weight model of `config`'s shape, tensors named as in Hugging Face checkpoints.
-    fn random_model(config: &BertConfig) -> BertModel {
+    fn random_model(config: &BertConfig, qk_post_norm: bool) -> BertModel {
         let (h, i, v) = (
             config.hidden_size,
             config.intermediate_size,
@@ -650,7 +729,21 @@ mod tests {
                 ("attention.output.LayerNorm.weight", vec![h]),
                 ("attention.output.LayerNorm.bias", vec![h]),
             ];
-            if config.gated_feed_forward() {
+            if qk_post_norm {
+                more.extend([
+                    ("attention.self.layer_norm_q.weight", vec![h]),
+                    ("attention.self.layer_norm_q.bias", vec![h]),
+                    ("attention.self.layer_norm_k.weight", vec![h]),
+                    ("attention.self.layer_norm_k.bias", vec![h]),
+                    ("layer_norm_1.weight", vec![h]),
+                    ("layer_norm_1.bias", vec![h]),
+                    ("mlp.up_gated_layer.weight", vec![2 * i, h]),
+                    ("mlp.down_layer.weight", vec![h, i]),
+                    ("mlp.down_layer.bias", vec![h]),
+                    ("layer_norm_2.weight", vec![h]),
+                    ("layer_norm_2.bias", vec![h]),
+                ]);
+            } else if config.gated_feed_forward() {
                 more.extend([
                     ("mlp.gated_layers.weight", vec![2 * i, h]),
                     ("mlp.wo.weight", vec![h, i]),
@@ -675,8 +768,10 @@ mod tests {
             .map(|(name, shape)| {
                 let t = Tensor::randn(0f32, 0.3, shape, &Device::Cpu).unwrap();
                 // LayerNorm gains near 1, as trained models have them.
-                let t = if name.ends_with("LayerNorm.weight") || name.ends_with("layernorm.weight")
-                {
+                let is_norm = name.ends_with("norm.weight")
+                    || name.ends_with("LayerNorm.weight")
+                    || name.contains("layer_norm_");
+                let t = if is_norm && name.ends_with("weight") {
                     (t + 1.0).unwrap()
                 } else {
                     t
@@ -701,8 +796,8 @@ mod tests {
 
     #[test]
     fn fused_cpu_path_matches_candle_operations() {
-        for alibi in [false, true] {
-            let model = random_model(&config(alibi));
+        for (alibi, qk_post_norm) in [(false, false), (true, false), (true, true)] {
+            let model = random_model(&config(alibi), qk_post_norm);
             let sequences: Vec<TokenSequence> = [7usize, 3, 12]
                 .iter()
                 .map(|&n| TokenSequence {

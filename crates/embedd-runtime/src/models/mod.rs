@@ -21,15 +21,6 @@ pub use t5::{T5Config, T5EncoderModel};
 /// Interprets `config.json` (as read from `dir`) as a BERT-family config, refusing what this
 /// family cannot run.
 pub fn bert_config(dir: &ModelDir, raw: &serde_json::Value) -> Result<BertConfig> {
-    // jina-embeddings-v2-base-code's variant normalizes queries and keys inside attention.
-    if raw.to_string().contains("qk-post-norm") {
-        return Err(RuntimeError::ModelConfig {
-            path: dir.config.clone(),
-            field: "auto_map".into(),
-            reason: "JinaBERT with QK post-norm (jina-bert-v2-qk-post-norm) is not supported yet"
-                .into(),
-        });
-    }
     let model_type = raw
         .get("model_type")
         .and_then(|v| v.as_str())

@@ -1,0 +1,196 @@
+//! HTTP load on one route of a running `embedd`: closed-loop runs with N concurrent clients (each
+//! sends its next request when the last one answers) for throughput at saturation, then an
+//! open-loop run at half the best throughput found, timed from each request's scheduled start so
+//! queueing counts. Prints one JSON line per run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::{json, Value};
+
+#[derive(Parser, Clone)]
+struct Args {
+    #[arg(long)]
+    url: String,
+    /// `embeddings`, `rerank` or `multi-vector`.
+    #[arg(long)]
+    route: String,
+    #[arg(long)]
+    model: String,
+    /// A text file, one text per line.
+    #[arg(long)]
+    texts: std::path::PathBuf,
+    /// Texts per request (documents for rerank).
+    #[arg(long, default_value_t = 1)]
+    items: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    clients: Vec<usize>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+}
+
+struct Load {
+    args: Args,
+    texts: Vec<String>,
+    endpoint: String,
+    client: reqwest::Client,
+}
+
+impl Load {
+    fn body(&self, i: usize) -> Value {
+        let n = self.args.items;
+        let start = (i * 7) % (self.texts.len() - n + 1);
+        let batch = &self.texts[start..start + n];
+        match self.args.route.as_str() {
+            "rerank" => json!({
+                "model": self.args.model, "query": "how do search engines rank documents",
+                "documents": batch, "return_documents": false
+            }),
+            "multi-vector" => {
+                json!({"model": self.args.model, "input": batch, "input_type": "document"})
+            }
+            _ => json!({"model": self.args.model, "input": batch}),
+        }
+    }
+
+    /// One request; its latency in ms, or `None` for a failure.
+    async fn send(&self, i: usize, since: Instant) -> Option<f64> {
+        let resp = self
+            .client
+            .post(&self.endpoint)
+            .json(&self.body(i))
+            .send()
+            .await
+            .ok()?;
+        let ok = resp.status().is_success();
+        resp.bytes().await.ok()?;
+        ok.then(|| since.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+struct Outcome {
+    latencies: Vec<f64>,
+    errors: usize,
+    elapsed: f64,
+}
+
+fn report(load: &Load, mode: &str, extra: Value, mut o: Outcome) {
+    o.latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if o.latencies.is_empty() {
+            return f64::NAN;
+        }
+        o.latencies[((o.latencies.len() - 1) as f64 * p).round() as usize]
+    };
+    let rps = o.latencies.len() as f64 / o.elapsed;
+    let mut line = json!({
+        "route": load.args.route, "items": load.args.items, "mode": mode,
+        "requests": o.latencies.len(), "errors": o.errors,
+        "requests_per_s": rps, "items_per_s": rps * load.args.items as f64,
+        "p50_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
+    });
+    if let (Some(l), Some(e)) = (line.as_object_mut(), extra.as_object()) {
+        l.extend(e.clone());
+    }
+    println!("{line}");
+}
+
+async fn closed_loop(load: Arc<Load>, clients: usize) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs_f64(load.args.seconds);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let load = load.clone();
+            tokio::spawn(async move {
+                let (mut latencies, mut errors, mut i) = (Vec::new(), 0, c * 1000);
+                while Instant::now() < deadline {
+                    match load.send(i, Instant::now()).await {
+                        Some(ms) => latencies.push(ms),
+                        None => errors += 1,
+                    }
+                    i += 1;
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut out = Outcome {
+        latencies: Vec::new(),
+        errors: 0,
+        elapsed: 0.0,
+    };
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            out.latencies.extend(l);
+            out.errors += e;
+        }
+    }
+    out.elapsed = start.elapsed().as_secs_f64();
+    out
+}
+
+async fn open_loop(load: Arc<Load>, rate: f64) -> Outcome {
+    let count = (rate * load.args.seconds).ceil().max(1.0) as usize;
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let at = start + Duration::from_secs_f64(i as f64 / rate);
+        let load = load.clone();
+        tasks.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            load.send(i, at.into_std()).await
+        });
+    }
+    let mut out = Outcome {
+        latencies: Vec::new(),
+        errors: 0,
+        elapsed: 0.0,
+    };
+    while let Some(r) = tasks.join_next().await {
+        match r.ok().flatten() {
+            Some(ms) => out.latencies.push(ms),
+            None => out.errors += 1,
+        }
+    }
+    out.elapsed = start.elapsed().as_secs_f64();
+    out
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let texts: Vec<String> = std::fs::read_to_string(&args.texts)
+        .with_context(|| format!("reading {}", args.texts.display()))?
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    anyhow::ensure!(
+        texts.len() >= args.items,
+        "need at least {} texts",
+        args.items
+    );
+    let load = Arc::new(Load {
+        endpoint: format!("{}/v1/{}", args.url.trim_end_matches('/'), args.route),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()?,
+        texts,
+        args: args.clone(),
+    });
+    // Warm-up: the first request loads caches and spins up the worker.
+    load.send(0, Instant::now()).await;
+    let mut best = 0f64;
+    for &clients in &args.clients {
+        let outcome = closed_loop(load.clone(), clients).await;
+        best = best.max(outcome.latencies.len() as f64 / outcome.elapsed);
+        report(&load, "saturation", json!({"clients": clients}), outcome);
+    }
+    let rate = best / 2.0;
+    let outcome = open_loop(load.clone(), rate).await;
+    report(&load, "half-load", json!({"offered_per_s": rate}), outcome);
+    Ok(())
+}
