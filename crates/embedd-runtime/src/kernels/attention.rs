@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{math, simd_function};
+use super::{math, simd_function, DisjointWrites};
 
 /// Sizes for [`attention`].
 #[derive(Debug, Clone, Copy)]
@@ -16,13 +16,6 @@ pub struct AttentionShape {
 /// Query rows per score block: a block holds at most this many scores, so an 8192-token input
 /// needs 16 MiB per worker instead of a 256 MiB `seq x seq` matrix per head.
 const BLOCK_SCORES: usize = 1 << 22;
-
-/// Shares the output buffer between tasks that write disjoint column ranges of it.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes only its own (sequence rows, head columns) block.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// Self-attention for sequences packed row after row in `qkv` (each row `[q | k | v]`, each
 /// `heads * head_dim` wide); `offsets` holds each sequence's first row plus the total at the
@@ -44,7 +37,7 @@ pub fn attention(
         assert_eq!(s.len(), shape.heads, "one ALiBi slope per head");
     }
     let mut out = vec![0f32; total * h];
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = DisjointWrites::new(&mut out);
     let sequences = offsets.len().saturating_sub(1);
     assert_eq!(keys.len(), sequences, "one key count per sequence");
     (0..sequences * shape.heads)
@@ -78,7 +71,7 @@ struct Rows {
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_one(
     qkv: &[f32],
-    out: OutPtr,
+    out: DisjointWrites,
     Rows { first, len, keys }: Rows,
     head: usize,
     h: usize,
@@ -134,7 +127,7 @@ unsafe fn attend_one(
                 rows,
                 d,
                 keys,
-                out.0.add((first + start) * h + head * d),
+                out.at((first + start) * h + head * d),
                 1,
                 h as isize,
                 false,

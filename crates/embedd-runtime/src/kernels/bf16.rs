@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::DisjointWrites;
+
 /// Output columns per vector register.
 const LANES: usize = 16;
 /// Columns per task: two registers per row.
@@ -101,7 +103,7 @@ impl PackedBf16 {
         let strip_len = self.pairs * STRIP * 2;
         // Each task owns a column strip of `out`; rows are walked inside so the strip's weights
         // stay in cache.
-        let out_ptr = StripPtr(out.as_mut_ptr());
+        let out_ptr = DisjointWrites::new(&mut out);
         (0..strips).into_par_iter().for_each(|s| {
             let b = &self.data[s * strip_len..][..strip_len];
             for first in (0..m).step_by(ROWS) {
@@ -129,21 +131,6 @@ impl PackedBf16 {
             out.truncate(m * n);
         }
         out
-    }
-}
-
-#[derive(Clone, Copy)]
-struct StripPtr(*mut f32);
-// SAFETY: tasks write disjoint column strips.
-unsafe impl Send for StripPtr {}
-unsafe impl Sync for StripPtr {}
-
-impl StripPtr {
-    /// # Safety
-    /// `offset` must be inside the buffer.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: per the caller.
-        unsafe { self.0.add(offset) }
     }
 }
 

@@ -18,7 +18,7 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         return out;
     }
     #[cfg(target_arch = "x86_64")]
-    if m <= SMALL_ROWS && n % strips::WIDTH == 0 && super::cpu_has_avx512() {
+    if m <= SMALL_ROWS && n.is_multiple_of(strips::WIDTH) && super::cpu_has_avx512() {
         strips::matmul(x, m, k, w, n, &mut out);
         return out;
     }
@@ -69,28 +69,17 @@ mod strips {
 
     use rayon::prelude::*;
 
+    use super::super::DisjointWrites;
+
     pub const WIDTH: usize = 32;
     const ROWS: usize = 8;
 
-    #[derive(Clone, Copy)]
-    struct OutPtr(*mut f32);
-    // SAFETY: tasks write disjoint column strips.
-    unsafe impl Send for OutPtr {}
-    unsafe impl Sync for OutPtr {}
-
-    impl OutPtr {
-        /// # Safety
-        /// `offset` must be inside the buffer.
-        unsafe fn at(self, offset: usize) -> *mut f32 {
-            // SAFETY: per the caller.
-            unsafe { self.0.add(offset) }
-        }
-    }
-
     /// Call only where the CPU has AVX-512F; `n` must be a multiple of [`WIDTH`].
     pub fn matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
-        assert!(n % WIDTH == 0 && out.len() == m * n && x.len() == m * k && w.len() == k * n);
-        let dst = OutPtr(out.as_mut_ptr());
+        assert!(
+            n.is_multiple_of(WIDTH) && out.len() == m * n && x.len() == m * k && w.len() == k * n
+        );
+        let dst = DisjointWrites::new(out);
         (0..n / WIDTH).into_par_iter().for_each(|s| {
             for first in (0..m).step_by(ROWS) {
                 let rows = ROWS.min(m - first);

@@ -102,6 +102,29 @@ impl std::ops::Deref for HostSlice<'_> {
     }
 }
 
+/// An output buffer shared by parallel tasks that each write their own disjoint region of it
+/// (a column strip, a head's columns of some rows), which safe slices cannot express.
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointWrites(*mut f32);
+
+// SAFETY: the tasks holding copies write disjoint elements, and the buffer outlives them.
+unsafe impl Send for DisjointWrites {}
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    pub(crate) fn new(buffer: &mut [f32]) -> Self {
+        Self(buffer.as_mut_ptr())
+    }
+
+    /// # Safety
+    /// `offset` must be inside the buffer, and what is written there must belong to the caller's
+    /// task alone.
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: per the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// Rows per parallel task for elementwise passes: enough work to amortize scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)

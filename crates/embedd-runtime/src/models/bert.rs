@@ -344,32 +344,30 @@ impl FeedForward {
             config.intermediate_size,
             config.layer_norm_eps,
         );
-        if vb.contains_tensor("mlp.up_gated_layer.weight") {
-            let mlp = vb.pp("mlp");
+        // (gate-and-value layer, output layer, LayerNorm, gate in the first half)
+        let gated = if vb.contains_tensor("mlp.up_gated_layer.weight") {
+            Some((
+                "mlp.up_gated_layer",
+                "mlp.down_layer",
+                "layer_norm_2",
+                false,
+            ))
+        } else if config.gated_feed_forward() {
+            Some(("mlp.gated_layers", "mlp.wo", "mlp.layernorm", true))
+        } else {
+            None
+        };
+        if let Some((both, out, norm, gate_first)) = gated {
             return Ok(FeedForward::Gated {
                 gated_layers: Dense::new(Linear::new(
-                    mlp.pp("up_gated_layer").get((2 * i, h), "weight")?,
+                    vb.pp(both).get((2 * i, h), "weight")?,
                     None,
                 ))?,
-                wo: Dense::new(candle_nn::linear(i, h, mlp.pp("down_layer"))?)?,
-                layer_norm: layer_norm(vb.pp("layer_norm_2"), h, eps)?,
+                wo: Dense::new(candle_nn::linear(i, h, vb.pp(out))?)?,
+                layer_norm: layer_norm(vb.pp(norm), h, eps)?,
                 activation: config.hidden_act,
                 intermediate_size: i,
-                gate_first: false,
-            });
-        }
-        if config.gated_feed_forward() {
-            let mlp = vb.pp("mlp");
-            return Ok(FeedForward::Gated {
-                gated_layers: Dense::new(Linear::new(
-                    mlp.pp("gated_layers").get((2 * i, h), "weight")?,
-                    None,
-                ))?,
-                wo: Dense::new(candle_nn::linear(i, h, mlp.pp("wo"))?)?,
-                layer_norm: layer_norm(mlp.pp("layernorm"), h, eps)?,
-                activation: config.hidden_act,
-                intermediate_size: i,
-                gate_first: true,
+                gate_first,
             });
         }
         Ok(FeedForward::Plain {
