@@ -1,6 +1,9 @@
 //! JinaBERT (ALiBi, gated GELU feed-forward) against the torch reference written from the
 //! published architecture (tests/fixtures/make_jina_bert_fixture.py), on random-weight checkpoints
-//! saved with the hub's tensor names and config keys, including a 4,000-token input.
+//! saved with the hub's tensor names and config keys, including a 4,000-token input; and
+//! jina-embeddings-v2-base-code's variant (jina-bert-v2-qk-post-norm: LayerNorms on the query and
+//! key projections, a second residual LayerNorm after attention, `up_gated_layer` / `down_layer`)
+//! against tests/fixtures/make_jina_code_fixture.py, with a 2,000-token input.
 
 use std::path::PathBuf;
 
@@ -16,8 +19,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn fixture() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("jina_bert.json")).unwrap())
-        .unwrap()
+    fixture_named("jina_bert.json")
+}
+
+fn fixture_named(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name)).unwrap()).unwrap()
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -36,9 +42,13 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
 }
 
 fn embedder(scheduler: SchedulerConfig) -> TextEmbedder {
+    embedder_named("tiny-jina-bert", scheduler)
+}
+
+fn embedder_named(name: &str, scheduler: SchedulerConfig) -> TextEmbedder {
     TextEmbedder::load(&EmbedderSpec {
-        name: "tiny-jina-bert".into(),
-        source: ModelSource::Local(fixtures().join("models/tiny-jina-bert")),
+        name: name.into(),
+        source: ModelSource::Local(fixtures().join("models").join(name)),
         pooling: None,
         max_tokens: None,
         device: DeviceSpec::Cpu,
@@ -49,14 +59,18 @@ fn embedder(scheduler: SchedulerConfig) -> TextEmbedder {
 }
 
 fn check_embeddings(model: &TextEmbedder) {
-    let f = fixture();
+    check_embeddings_against(model, &fixture(), 4000);
+}
+
+/// Every vector at cosine >= 0.9999 with the fixture's, which has an input over `long` tokens.
+fn check_embeddings_against(model: &TextEmbedder, f: &Value, long: u64) {
     let texts = strings(&f["texts"]);
     let items = model.prepare(&texts, false).unwrap();
     let counts: Vec<u64> = items.iter().map(|i| i.sequence.len() as u64).collect();
     let expected: Vec<u64> = serde_json::from_value(f["token_counts"].clone()).unwrap();
     assert_eq!(counts, expected);
     assert!(
-        counts.iter().any(|&c| c > 4000),
+        counts.iter().any(|&c| c > long),
         "the fixture has a long input"
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -152,5 +166,35 @@ fn jina_colbert_layout_token_vectors_match_the_reference() {
                 assert!(c >= 0.9999, "{texts} {i} token {t}: cosine {c}");
             }
         }
+    }
+}
+
+const SMALL_BATCHES: SchedulerConfig = SchedulerConfig {
+    max_batch_tokens: 64,
+    max_batch_size: 2,
+    max_queued_items: 1000,
+    max_background_batch_size: 2,
+};
+
+#[test]
+fn jina_code_checkpoint_has_the_published_layout() {
+    let dir = fixtures().join("models/tiny-jina-code");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert!(config["auto_map"]["AutoModel"]
+        .as_str()
+        .unwrap()
+        .starts_with("jinaai/jina-bert-v2-qk-post-norm"));
+    assert_eq!(config["position_embedding_type"], "alibi");
+    let model = embedder_named("tiny-jina-code", SchedulerConfig::default());
+    assert_eq!(model.max_tokens(), 8192);
+    assert_eq!(model.pooling(), Pooling::Mean);
+}
+
+#[test]
+fn jina_code_embeddings_match_the_reference_in_any_batching() {
+    let f = fixture_named("jina_code.json");
+    for scheduler in [SchedulerConfig::default(), SMALL_BATCHES] {
+        check_embeddings_against(&embedder_named("tiny-jina-code", scheduler), &f, 1500);
     }
 }
