@@ -22,7 +22,7 @@ const DRAIN_BEYOND_LIMIT: u64 = 16 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 fn route_limit(state: &AppState, method: &Method, path: &str) -> usize {
-    if method == Method::POST && path == "/v1/bulk-embeddings" {
+    if method == Method::POST && path == crate::routes::BULK_UPLOAD_PATH {
         state.limits.max_upload_bytes
     } else {
         state.limits.max_body_bytes

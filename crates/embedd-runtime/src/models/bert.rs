@@ -204,17 +204,8 @@ impl BertAttention {
         kernels::bias_activation(&mut qkv, 3 * h, self.qkv.host_bias()?.as_deref(), None);
         if let Some((norm_q, norm_k)) = &self.qk_norm {
             for (column, norm) in [(0, norm_q), (h, norm_k)] {
-                let Some(beta) = norm.bias() else {
-                    candle_core::bail!("LayerNorm without a bias")
-                };
-                kernels::layer_norm_columns(
-                    &mut qkv,
-                    3 * h,
-                    column,
-                    &HostSlice::of(norm.weight())?,
-                    &HostSlice::of(beta)?,
-                    self.eps,
-                );
+                let (gamma, beta) = host_norm(norm)?;
+                kernels::layer_norm_columns(&mut qkv, 3 * h, column, &gamma, &beta, self.eps);
             }
         }
         let shape = AttentionShape {
@@ -225,7 +216,7 @@ impl BertAttention {
         let context = kernels::attention(
             &qkv,
             &rows.offsets,
-            &rows.attended,
+            rows.attended,
             shape,
             self.alibi_host.as_deref(),
         );
@@ -421,15 +412,15 @@ struct BertLayer {
 }
 
 /// Where each sequence's rows sit once padding is removed.
-struct Rows {
+struct Rows<'a> {
     /// First row of each sequence, then the total.
     offsets: Vec<usize>,
     /// Leading rows of each sequence that are attended to.
-    attended: Vec<usize>,
+    attended: &'a [usize],
 }
 
-impl Rows {
-    fn of(batch: &Batch) -> Self {
+impl<'a> Rows<'a> {
+    fn of(batch: &'a Batch) -> Self {
         let mut offsets = Vec::with_capacity(batch.lengths.len() + 1);
         offsets.push(0);
         for len in &batch.lengths {
@@ -437,13 +428,21 @@ impl Rows {
         }
         Self {
             offsets,
-            attended: batch.attended.clone(),
+            attended: &batch.attended,
         }
     }
 
     fn total(&self) -> usize {
         self.offsets.last().copied().unwrap_or(0)
     }
+}
+
+/// A LayerNorm's gain and bias as host slices, for the fused path.
+fn host_norm(norm: &LayerNorm) -> candle_core::Result<(HostSlice<'_>, HostSlice<'_>)> {
+    let Some(beta) = norm.bias() else {
+        candle_core::bail!("LayerNorm without a bias")
+    };
+    Ok((HostSlice::of(norm.weight())?, HostSlice::of(beta)?))
 }
 
 /// `out = LayerNorm(out + bias + residual)` on the fused path.
@@ -454,17 +453,8 @@ fn layer_norm_residual(
     layer_norm: &LayerNorm,
     eps: f32,
 ) -> candle_core::Result<()> {
-    let Some(beta) = layer_norm.bias() else {
-        candle_core::bail!("LayerNorm without a bias")
-    };
-    kernels::bias_residual_layer_norm(
-        out,
-        residual,
-        bias,
-        &HostSlice::of(layer_norm.weight())?,
-        &HostSlice::of(beta)?,
-        eps,
-    );
+    let (gamma, beta) = host_norm(layer_norm)?;
+    kernels::bias_residual_layer_norm(out, residual, bias, &gamma, &beta, eps);
     Ok(())
 }
 
@@ -529,9 +519,7 @@ impl BertModel {
             dtype: vb.dtype(),
         })
     }
-}
 
-impl BertModel {
     /// The layers as candle operations, one tensor per step: the path for GPUs and reduced
     /// precision, and the reference the fused CPU path is tested against.
     pub fn forward_unfused(&self, batch: &Batch) -> candle_core::Result<Tensor> {

@@ -19,6 +19,9 @@ use tower_http::trace::TraceLayer;
 use crate::auth::require_key;
 use crate::state::AppState;
 
+/// The bulk upload route, whose body limit (`--max-upload-bytes`) differs from the others'.
+pub const BULK_UPLOAD_PATH: &str = "/v1/bulk-embeddings";
+
 // The deprecated alias is still served; `#[deprecated]` on it only marks it so in OpenAPI.
 #[allow(deprecated)]
 pub fn router(state: AppState) -> Router {
@@ -31,7 +34,7 @@ pub fn router(state: AppState) -> Router {
             post(multi_vector::create_deprecated),
         )
         .route(
-            "/v1/bulk-embeddings",
+            BULK_UPLOAD_PATH,
             post(bulk::start).layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)),
         )
         .route("/v1/bulk-embeddings/{job_id}", get(bulk::status))
