@@ -15,6 +15,9 @@ pub struct Batch {
     pub lengths: Vec<usize>,
     /// Leading tokens per row that are attended to (at most `lengths[i]`).
     pub attended: Vec<usize>,
+    /// Per row, the task adapter to run it with (models with task adapters; `None`: the base
+    /// weights).
+    pub adapters: Vec<Option<usize>>,
 }
 
 impl Batch {
@@ -60,6 +63,14 @@ impl Batch {
             max_len,
             lengths: sequences.iter().map(|s| s.len()).collect(),
             attended: attended_tokens,
+            adapters: vec![None; n],
         })
+    }
+
+    /// Sets each row's task adapter.
+    pub fn with_adapters(mut self, adapters: Vec<Option<usize>>) -> Self {
+        assert_eq!(adapters.len(), self.lengths.len(), "one adapter per row");
+        self.adapters = adapters;
+        self
     }
 }

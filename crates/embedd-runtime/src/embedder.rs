@@ -1,5 +1,6 @@
 //! A served dense-embedding model: tokenizer, encoder, pooling, behind a [`BatchScheduler`].
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -38,6 +39,8 @@ pub struct EncodeItem {
     pub spans: Option<Vec<Range<usize>>>,
     /// The input was cut to the model's maximum length.
     pub truncated: bool,
+    /// The task adapter it runs with (models with task adapters only).
+    pub adapter: Option<usize>,
 }
 
 impl TokenCost for EncodeItem {
@@ -60,6 +63,35 @@ pub struct TextEmbedder {
     scheduler: BatchScheduler<EncodeItem, Vec<Vec<f32>>>,
     dimensions: usize,
     pooling: Pooling,
+    tasks: TaskAdapters,
+}
+
+/// The task adapters a model has (jina-embeddings-v3), from `config.json`'s `lora_adaptations`
+/// and `task_instructions`.
+#[derive(Debug, Clone, Default)]
+pub struct TaskAdapters {
+    /// Task names in adapter order.
+    names: Vec<String>,
+    /// The text each task puts before an input.
+    instructions: BTreeMap<String, String>,
+}
+
+impl TaskAdapters {
+    /// The adapter index and instruction for `task`. Models without adapters take any task and
+    /// ignore it; a model with adapters refuses a task it has none for.
+    fn select(&self, task: Option<&str>) -> Result<(Option<usize>, &str)> {
+        let (Some(task), false) = (task, self.names.is_empty()) else {
+            return Ok((None, ""));
+        };
+        let Some(index) = self.names.iter().position(|n| n == task) else {
+            return Err(RuntimeError::UnknownTask {
+                task: task.to_string(),
+                known: self.names.clone(),
+            });
+        };
+        let instruction = self.instructions.get(task).map_or("", String::as_str);
+        Ok((Some(index), instruction))
+    }
 }
 
 /// The input length served when neither the catalog nor the model's files name one and the
@@ -72,7 +104,7 @@ fn load_encoder(
     dir: &ModelDir,
     device: &Device,
     precision: Precision,
-) -> Result<(Box<dyn Encoder>, Option<usize>)> {
+) -> Result<(Box<dyn Encoder>, Option<usize>, TaskAdapters)> {
     let raw = dir.read_config()?;
     if raw.get("model_type").and_then(|v| v.as_str()) == Some("t5") {
         let config: T5Config =
@@ -89,20 +121,24 @@ fn load_encoder(
             });
         }
         let model = T5EncoderModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
-        return Ok((Box::new(model), None));
+        return Ok((Box::new(model), None, TaskAdapters::default()));
     }
     let config = bert_config(dir, &raw)?;
     let vb = open_weights(dir, device)?;
     let mut model = BertModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
     set_precision(&mut model, precision)?;
-    Ok((Box::new(model), Some(config.max_tokens())))
+    let tasks = TaskAdapters {
+        names: config.lora_adaptations.clone().unwrap_or_default(),
+        instructions: config.task_instructions.clone().unwrap_or_default(),
+    };
+    Ok((Box::new(model), Some(config.max_tokens()), tasks))
 }
 
 impl TextEmbedder {
     pub fn load(spec: &EmbedderSpec) -> Result<Self> {
         let dir = ModelDir::resolve(&spec.source, &[])?;
         let device = spec.device.open()?;
-        let (encoder, position_limit) = load_encoder(&dir, &device, spec.precision)?;
+        let (encoder, position_limit, tasks) = load_encoder(&dir, &device, spec.precision)?;
         let st = &dir.sentence_transformers;
         let max_tokens = spec
             .max_tokens
@@ -127,7 +163,7 @@ impl TextEmbedder {
         let scheduler = BatchScheduler::new(&spec.name, spec.scheduler, Box::new(run));
         tracing::info!(
             model = %spec.name, source = %spec.source, dimensions, max_tokens, ?pooling,
-            "embedding model loaded"
+            tasks = ?tasks.names, "embedding model loaded"
         );
         Ok(Self {
             name: spec.name.clone(),
@@ -136,6 +172,7 @@ impl TextEmbedder {
             scheduler,
             dimensions,
             pooling,
+            tasks,
         })
     }
 
@@ -163,8 +200,32 @@ impl TextEmbedder {
         self.scheduler.queued_items()
     }
 
+    /// The tasks the model has adapters for (empty: it has none and ignores `task`).
+    pub fn tasks(&self) -> &[String] {
+        &self.tasks.names
+    }
+
     /// Tokenizes texts, one work item each. CPU-bound: call it off the async runtime.
     pub fn prepare(&self, texts: &[String], truncate: bool) -> Result<Vec<EncodeItem>> {
+        self.prepare_for_task(texts, truncate, None)
+    }
+
+    /// [`Self::prepare`] for a task: on a model with task adapters, each text gets the task's
+    /// instruction in front and runs with its adapter.
+    pub fn prepare_for_task(
+        &self,
+        texts: &[String],
+        truncate: bool,
+        task: Option<&str>,
+    ) -> Result<Vec<EncodeItem>> {
+        let (adapter, instruction) = self.tasks.select(task)?;
+        let instructed: Vec<String>;
+        let texts = if instruction.is_empty() {
+            texts
+        } else {
+            instructed = texts.iter().map(|t| format!("{instruction}{t}")).collect();
+            &instructed
+        };
         Ok(self
             .tokenizer
             .encode_batch_flagged(texts, truncate)?
@@ -173,19 +234,31 @@ impl TextEmbedder {
                 sequence,
                 spans: None,
                 truncated,
+                adapter,
             })
             .collect())
     }
 
     /// Late chunking: the texts are concatenated (in order) into as few model-length windows as
     /// they fit, each window runs once, and every text is pooled over its own tokens. A text too
-    /// long for a window alone is cut when `truncate`, an error otherwise.
-    pub fn prepare_late_chunks(&self, texts: &[String], truncate: bool) -> Result<Vec<EncodeItem>> {
+    /// long for a window alone is cut when `truncate`, an error otherwise. With a task, each
+    /// window opens with the task's instruction (pooled into no text) and runs with its adapter.
+    pub fn prepare_late_chunks(
+        &self,
+        texts: &[String],
+        truncate: bool,
+        task: Option<&str>,
+    ) -> Result<Vec<EncodeItem>> {
+        let (adapter, instruction) = self.tasks.select(task)?;
         let BareEncoding {
             texts: bare,
-            before,
+            mut before,
             after,
         } = self.tokenizer.encode_bare(texts)?;
+        if !instruction.is_empty() {
+            let prefix = self.tokenizer.encode_bare(&[instruction.to_string()])?;
+            before.extend(prefix.texts.into_iter().flatten());
+        }
         let max = self.tokenizer.max_tokens();
         let capacity = max.saturating_sub(before.len() + after.len()).max(1);
         let mut windows = Vec::new();
@@ -210,6 +283,7 @@ impl TextEmbedder {
                     &after,
                     std::mem::take(&mut spans),
                     any_truncated,
+                    adapter,
                 ));
                 any_truncated = false;
                 ids = before.clone();
@@ -217,7 +291,7 @@ impl TextEmbedder {
             spans.push(ids.len()..ids.len() + text_ids.len());
             ids.extend(text_ids);
         }
-        windows.push(close_window(ids, &after, spans, any_truncated));
+        windows.push(close_window(ids, &after, spans, any_truncated, adapter));
         Ok(windows)
     }
 
@@ -242,6 +316,7 @@ fn close_window(
     after: &[u32],
     spans: Vec<Range<usize>>,
     truncated: bool,
+    adapter: Option<usize>,
 ) -> EncodeItem {
     ids.extend_from_slice(after);
     let type_ids = vec![0; ids.len()];
@@ -249,6 +324,7 @@ fn close_window(
         sequence: TokenSequence { ids, type_ids },
         spans: Some(spans),
         truncated,
+        adapter,
     }
 }
 
@@ -261,7 +337,8 @@ fn encode_batch(
     items: &[&EncodeItem],
 ) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
     let sequences: Vec<&TokenSequence> = items.iter().map(|i| &i.sequence).collect();
-    let batch = Batch::new(&sequences, pad_id, device)?;
+    let adapters = items.iter().map(|i| i.adapter).collect();
+    let batch = Batch::new(&sequences, pad_id, device)?.with_adapters(adapters);
     let hidden = encoder.forward(&batch)?;
     let pooled = pooling
         .pool(&hidden, &batch.attention_mask)?

@@ -13,6 +13,9 @@ pub enum RuntimeError {
     /// A rerank query that leaves no room for any document in the model's window.
     #[error("the query has {tokens} tokens with the special tokens; the model's window is {max}, so no document fits beside it")]
     QueryTooLong { tokens: usize, max: usize },
+    /// A task the model has no adapter for.
+    #[error("the model has no adapter for task '{task}'; its tasks are: {}", known.join(", "))]
+    UnknownTask { task: String, known: Vec<String> },
     /// The scheduler's queue is full; the caller should retry later.
     #[error("the model's queue is full ({queued} items waiting); retry later")]
     Overloaded { queued: usize },

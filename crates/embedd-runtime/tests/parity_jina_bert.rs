@@ -3,7 +3,10 @@
 //! saved with the hub's tensor names and config keys, including a 4,000-token input; and
 //! jina-embeddings-v2-base-code's variant (jina-bert-v2-qk-post-norm: LayerNorms on the query and
 //! key projections, a second residual LayerNorm after attention, `up_gated_layer` / `down_layer`)
-//! against tests/fixtures/make_jina_code_fixture.py, with a 2,000-token input.
+//! against tests/fixtures/make_jina_code_fixture.py, with a 2,000-token input; and
+//! jina-embeddings-v3 (XLM-RoBERTa with rotary embeddings and per-task LoRA adapters, bfloat16
+//! weights under the flash implementation's names) against tests/fixtures/make_jina_v3_fixture.py,
+//! with every task and a 3,000-token input.
 
 use std::path::PathBuf;
 
@@ -196,5 +199,117 @@ fn jina_code_embeddings_match_the_reference_in_any_batching() {
     let f = fixture_named("jina_code.json");
     for scheduler in [SchedulerConfig::default(), SMALL_BATCHES] {
         check_embeddings_against(&embedder_named("tiny-jina-code", scheduler), &f, 1500);
+    }
+}
+
+/// One case of jina_v3.json: its task, its items as the model prepares them, the reference.
+struct V3Case {
+    task: Option<String>,
+    items: Vec<embedd_runtime::embedder::EncodeItem>,
+    expected: Vec<Vec<f64>>,
+}
+
+fn jina_v3_cases(model: &TextEmbedder, f: &Value) -> Vec<V3Case> {
+    let texts = strings(&f["texts"]);
+    f["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let task = case["task"].as_str().map(str::to_string);
+            let items = model
+                .prepare_for_task(&texts, false, task.as_deref())
+                .unwrap();
+            let counts: Vec<u64> = items.iter().map(|i| i.sequence.len() as u64).collect();
+            let expected: Vec<u64> = serde_json::from_value(case["token_counts"].clone()).unwrap();
+            assert_eq!(
+                counts, expected,
+                "task {task:?}: the instruction is prefixed"
+            );
+            V3Case {
+                task,
+                items,
+                expected: serde_json::from_value(case["embeddings"].clone()).unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn assert_close(task: &Option<String>, ours: &[Vec<f32>], theirs: &[Vec<f64>]) {
+    assert_eq!(ours.len(), theirs.len());
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        let c = cosine(a, b);
+        assert!(c >= 0.9999, "task {task:?}, text {i}: cosine {c}");
+    }
+}
+
+#[test]
+fn jina_v3_checkpoint_has_the_published_layout() {
+    let dir = fixtures().join("models/tiny-jina-v3");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert!(config["auto_map"]["AutoModel"]
+        .as_str()
+        .unwrap()
+        .ends_with("modeling_lora.XLMRobertaLoRA"));
+    assert_eq!(config["position_embedding_type"], "rotary");
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    let model = embedder_named("tiny-jina-v3", SchedulerConfig::default());
+    assert_eq!(
+        model.max_tokens(),
+        8192,
+        "8194 positions less XLM-R's offset"
+    );
+    assert_eq!(model.pooling(), Pooling::Mean);
+    assert_eq!(
+        model.tasks(),
+        [
+            "retrieval.query",
+            "retrieval.passage",
+            "separation",
+            "classification",
+            "text-matching"
+        ]
+    );
+    let refused = model.prepare_for_task(&["x".to_string()], false, Some("summarization"));
+    assert!(
+        matches!(
+            refused,
+            Err(embedd_runtime::RuntimeError::UnknownTask { .. })
+        ),
+        "a task without an adapter is refused"
+    );
+}
+
+#[test]
+fn jina_v3_embeddings_match_the_reference_for_every_task() {
+    let f = fixture_named("jina_v3.json");
+    let model = embedder_named("tiny-jina-v3", SchedulerConfig::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for case in jina_v3_cases(&model, &f) {
+        let long = case.items.iter().any(|i| i.sequence.len() > 3000);
+        assert!(long, "a long input");
+        let ours = rt.block_on(model.embed(case.items)).unwrap().vectors;
+        assert_close(&case.task, &ours, &case.expected);
+    }
+}
+
+#[test]
+fn jina_v3_tasks_mix_in_one_batch() {
+    // Every task's items in one submission: batches hold rows of different adapters, and with
+    // small batches, rows of different lengths padded together.
+    let f = fixture_named("jina_v3.json");
+    for scheduler in [SchedulerConfig::default(), SMALL_BATCHES] {
+        let model = embedder_named("tiny-jina-v3", scheduler);
+        let cases = jina_v3_cases(&model, &f);
+        let all: Vec<_> = cases.iter().flat_map(|c| c.items.clone()).collect();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ours = rt.block_on(model.embed(all)).unwrap().vectors;
+        let mut at = 0;
+        for case in &cases {
+            let n = case.items.len();
+            assert_close(&case.task, &ours[at..at + n], &case.expected);
+            at += n;
+        }
     }
 }

@@ -169,7 +169,7 @@ fn late_chunking_pools_each_input_over_its_own_tokens() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let items = model.prepare_late_chunks(&texts, false).unwrap();
+    let items = model.prepare_late_chunks(&texts, false, None).unwrap();
     assert_eq!(items.len(), 1, "short inputs share one window");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let late = rt.block_on(model.embed(items)).unwrap();
@@ -195,7 +195,7 @@ fn late_chunking_pools_each_input_over_its_own_tokens() {
     let many: Vec<String> = (0..40)
         .map(|i| format!("sentence number {i} about late chunking"))
         .collect();
-    let items = model.prepare_late_chunks(&many, false).unwrap();
+    let items = model.prepare_late_chunks(&many, false, None).unwrap();
     assert!(items.len() > 1);
     assert!(items.iter().all(|i| i.sequence.len() <= model.max_tokens()));
     let spans: usize = items.iter().map(|i| i.spans.as_ref().unwrap().len()).sum();
@@ -203,8 +203,11 @@ fn late_chunking_pools_each_input_over_its_own_tokens() {
 
     let long = vec!["word ".repeat(600)];
     assert!(matches!(
-        model.prepare_late_chunks(&long, false),
+        model.prepare_late_chunks(&long, false, None),
         Err(RuntimeError::InputTooLong { index: 0, .. })
     ));
-    assert_eq!(model.prepare_late_chunks(&long, true).unwrap().len(), 1);
+    assert_eq!(
+        model.prepare_late_chunks(&long, true, None).unwrap().len(),
+        1
+    );
 }

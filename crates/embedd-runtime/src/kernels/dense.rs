@@ -318,6 +318,46 @@ pub fn bias_residual_layer_norm(
         .for_each(|(rows, res)| residual_layer_norm_rows(rows, res, bias, gamma, beta, eps));
 }
 
+simd_function! {
+    fn low_rank_rows(
+        x: &[f32],
+        out: &mut [f32],
+        k: usize,
+        a: &[f32],
+        b_t: &[f32],
+        scale: f32,
+    ) {
+        let n = b_t.len() / (a.len() / k);
+        for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            for (a, b) in a.chunks_exact(k).zip(b_t.chunks_exact(n)) {
+                let mut dot = 0f32;
+                for (x, a) in x.iter().zip(a) {
+                    dot += x * a;
+                }
+                let coefficient = dot * scale;
+                for (o, b) in out.iter_mut().zip(b) {
+                    *o += coefficient * b;
+                }
+            }
+        }
+    }
+}
+
+/// `out += scale · (x · Aᵀ) · Bᵀ` for rows of `x` (`k` wide): a low-rank (LoRA) update.
+/// `a` is `rank x k` and `b_t` (Bᵀ) is `rank x n`, both row-major. With a rank of a few, each row
+/// is `rank` dot products and `rank` scaled additions, cheaper than any matrix-product setup.
+pub fn low_rank_update(x: &[f32], k: usize, a: &[f32], b_t: &[f32], scale: f32, out: &mut [f32]) {
+    let rank = a.len() / k;
+    assert_eq!(a.len(), rank * k, "A shape");
+    assert!(rank > 0 && b_t.len().is_multiple_of(rank), "B shape");
+    let n = b_t.len() / rank;
+    assert_eq!(x.len() / k, out.len() / n, "rows of x and out");
+    let rows = rows_per_task(n.max(k));
+    out.par_chunks_mut(rows * n)
+        .zip(x.par_chunks(rows * k))
+        .for_each(|(out, x)| low_rank_rows(x, out, k, a, b_t, scale));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +401,24 @@ mod tests {
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-4, "{g} vs {w}");
             }
+        }
+    }
+
+    #[test]
+    fn low_rank_update_adds_scaled_x_a_t_b_t() {
+        let (m, k, r, n) = (5, 7, 3, 6);
+        let x = pseudo_random(m * k, 3);
+        let a = pseudo_random(r * k, 4);
+        let b_t = pseudo_random(r * n, 5);
+        let base = pseudo_random(m * n, 6);
+        let mut out = base.clone();
+        low_rank_update(&x, k, &a, &b_t, 0.25, &mut out);
+        // x·Aᵀ is m x r; A is r x k, so Aᵀ as a k x r matrix is its transpose.
+        let a_t: Vec<f32> = (0..k * r).map(|i| a[(i % r) * k + i / r]).collect();
+        let xa = naive_matmul(&x, m, k, &a_t, r);
+        let delta = naive_matmul(&xa, m, r, &b_t, n);
+        for ((o, b), d) in out.iter().zip(&base).zip(&delta) {
+            assert!((o - (b + 0.25 * d)).abs() < 1e-4, "{o} vs {}", b + 0.25 * d);
         }
     }
 

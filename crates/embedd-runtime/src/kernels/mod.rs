@@ -13,14 +13,17 @@ pub mod attention;
 pub mod bf16;
 pub mod dense;
 pub mod math;
+pub mod rotary;
 
 use candle_core::{DType, Device, Tensor};
 
 pub use attention::{attention, AttentionShape};
 pub use bf16::PackedBf16;
 pub use dense::{
-    bias_activation, bias_residual_layer_norm, gated_activation, layer_norm_columns, matmul,
+    bias_activation, bias_residual_layer_norm, gated_activation, layer_norm_columns,
+    low_rank_update, matmul,
 };
+pub use rotary::{rotary, RotaryTable};
 
 /// Defines a function whose body is compiled for AVX-512 and AVX2 as well as the baseline, and
 /// dispatched on what the CPU has. The body is called once per block of rows, not per element.

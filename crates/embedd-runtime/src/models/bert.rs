@@ -1,15 +1,20 @@
 //! BERT-family encoders: BERT, MiniLM, RoBERTa / XLM-RoBERTa (the same blocks with position ids
 //! offset past the padding index), and JinaBERT (jina-embeddings-v2, jina-reranker-v1,
 //! jina-colbert-v1: no position embeddings but an ALiBi attention bias, and a gated GELU
-//! feed-forward). Post-layer-norm blocks throughout.
+//! feed-forward), and jina-embeddings-v3's XLM-RoBERTa (rotary position embeddings, per-task LoRA
+//! adapters, tensors named as its flash-attention implementation saves them). Post-layer-norm
+//! blocks throughout.
+
+use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use super::lora::{self, AdapterSpan, EmbeddingLora, LinearLora, LoraShape};
 use super::{Activation, Dense, Encoder};
 use crate::batch::Batch;
-use crate::kernels::{self, AttentionShape, HostSlice};
+use crate::kernels::{self, AttentionShape, HostSlice, RotaryTable};
 
 fn default_act() -> Activation {
     Activation::Gelu
@@ -45,6 +50,21 @@ pub struct BertConfig {
     /// JinaBERT's gated feed-forward (`geglu`); absent for BERT's plain one.
     #[serde(default)]
     pub feed_forward_type: Option<String>,
+    /// RoPE's base, for `position_embedding_type: "rotary"` (jina-embeddings-v3).
+    #[serde(default)]
+    pub rotary_emb_base: Option<f64>,
+    #[serde(default)]
+    pub rotary_emb_interleaved: Option<bool>,
+    /// The tasks of the LoRA adapters, in the checkpoint's order (jina-embeddings-v3).
+    #[serde(default)]
+    pub lora_adaptations: Option<Vec<String>>,
+    #[serde(default)]
+    pub lora_rank: Option<usize>,
+    #[serde(default)]
+    pub lora_alpha: Option<f64>,
+    /// The instruction each task puts before an input.
+    #[serde(default)]
+    pub task_instructions: Option<BTreeMap<String, String>>,
 }
 
 impl BertConfig {
@@ -68,6 +88,27 @@ impl BertConfig {
         self.position_embedding_type.as_deref() == Some("alibi")
     }
 
+    /// jina-embeddings-v3: queries and keys rotated by position instead of position embeddings.
+    pub fn uses_rotary(&self) -> bool {
+        self.position_embedding_type.as_deref() == Some("rotary")
+    }
+
+    /// RoPE's base: `rotary_emb_base`, else RoFormer's 10,000.
+    pub fn rotary_base(&self) -> f64 {
+        self.rotary_emb_base.unwrap_or(10_000.0)
+    }
+
+    /// The adapters' sizes, when the config names task adapters.
+    pub fn lora_shape(&self) -> Option<LoraShape> {
+        let tasks = self.lora_adaptations.as_ref()?.len();
+        let rank = self.lora_rank.unwrap_or(4);
+        Some(LoraShape {
+            tasks,
+            rank,
+            scaling: self.lora_alpha.unwrap_or(1.0) / rank as f64,
+        })
+    }
+
     fn gated_feed_forward(&self) -> bool {
         matches!(self.feed_forward_type.as_deref(), Some(t) if t.contains("glu"))
     }
@@ -75,9 +116,11 @@ impl BertConfig {
 
 struct BertEmbeddings {
     word: Embedding,
-    /// Absent for ALiBi models, whose positions live in the attention bias.
+    word_lora: Option<EmbeddingLora>,
+    /// Absent for ALiBi and rotary models, whose positions live in the attention.
     position: Option<Embedding>,
     token_type: Embedding,
+    token_type_lora: Option<EmbeddingLora>,
     layer_norm: LayerNorm,
     position_offset: usize,
     /// XLM-RoBERTa has one token type; pair tokenizers may still emit type 1 for the second text.
@@ -85,38 +128,55 @@ struct BertEmbeddings {
 }
 
 impl BertEmbeddings {
-    fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+    /// `vb` is the model root: the tables are under `embeddings`, and so is the LayerNorm except
+    /// in the flash layout (`emb_ln`).
+    fn load(vb: &VarBuilder, config: &BertConfig, layout: Layout) -> candle_core::Result<Self> {
         let h = config.hidden_size;
+        let tables = vb.pp("embeddings");
+        let (word, word_lora) = embedding(tables.pp("word_embeddings"), config.vocab_size, config)?;
+        let (token_type, token_type_lora) = embedding(
+            tables.pp("token_type_embeddings"),
+            config.type_vocab_size,
+            config,
+        )?;
+        let norm = match layout {
+            Layout::Hf => tables.pp("LayerNorm"),
+            Layout::Flash => vb.pp("emb_ln"),
+        };
         Ok(Self {
-            word: candle_nn::embedding(config.vocab_size, h, vb.pp("word_embeddings"))?,
-            position: if config.uses_alibi() {
+            word,
+            word_lora,
+            position: if config.uses_alibi() || config.uses_rotary() {
                 None
             } else {
                 Some(candle_nn::embedding(
                     config.max_position_embeddings,
                     h,
-                    vb.pp("position_embeddings"),
+                    tables.pp("position_embeddings"),
                 )?)
             },
-            token_type: candle_nn::embedding(
-                config.type_vocab_size,
-                h,
-                vb.pp("token_type_embeddings"),
-            )?,
-            layer_norm: layer_norm(vb.pp("LayerNorm"), h, config.layer_norm_eps)?,
+            token_type,
+            token_type_lora,
+            layer_norm: layer_norm(norm, h, config.layer_norm_eps)?,
             position_offset: config.position_offset(),
             single_token_type: config.type_vocab_size == 1,
         })
     }
 
     fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        let words = self.word.forward(&batch.input_ids)?;
-        let types = if self.single_token_type {
-            self.token_type
-                .forward(&batch.token_type_ids.zeros_like()?)?
+        let mut words = self.word.forward(&batch.input_ids)?;
+        if let Some(lora) = &self.word_lora {
+            words = lora.add(&batch.input_ids, words, &batch.adapters)?;
+        }
+        let type_ids = if self.single_token_type {
+            batch.token_type_ids.zeros_like()?
         } else {
-            self.token_type.forward(&batch.token_type_ids)?
+            batch.token_type_ids.clone()
         };
+        let mut types = self.token_type.forward(&type_ids)?;
+        if let Some(lora) = &self.token_type_lora {
+            types = lora.add(&type_ids, types, &batch.adapters)?;
+        }
         let mut x = (words + types)?;
         if let Some(table) = &self.position {
             // Right padding: every row's real tokens sit at positions 0..len; padding is masked.
@@ -150,6 +210,7 @@ struct BertAttention {
 const ATTENTION_BLOCK_BYTES: usize = 64 << 20;
 
 impl BertAttention {
+    /// Hugging Face names: `attention.self.{query,key,value}`, `attention.output.*`.
     fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
         let h = config.hidden_size;
         let sv = vb.pp("self");
@@ -165,10 +226,6 @@ impl BertAttention {
             Tensor::cat(&weights, 0)?,
             Some(Tensor::cat(&biases, 0)?),
         ))?;
-        let head_dim = h / config.num_attention_heads;
-        let alibi_host = config
-            .uses_alibi()
-            .then(|| alibi_slopes(config.num_attention_heads));
         let qk_norm = if sv.contains_tensor("layer_norm_q.weight") {
             Some((
                 layer_norm(sv.pp("layer_norm_q"), h, config.layer_norm_eps)?,
@@ -177,17 +234,45 @@ impl BertAttention {
         } else {
             None
         };
+        let output = Dense::new(candle_nn::linear(h, h, vb.pp("output.dense"))?)?;
+        let norm = layer_norm(vb.pp("output.LayerNorm"), h, config.layer_norm_eps)?;
+        Self::new(qkv, output, norm, qk_norm, config, vb.device(), vb.dtype())
+    }
+
+    /// The flash layout (`vb` is the layer): `mixer.Wqkv` giving [q | k | v], `mixer.out_proj`,
+    /// `norm1`.
+    fn load_flash(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+        let h = config.hidden_size;
+        let qkv = dense(vb.pp("mixer.Wqkv"), h, 3 * h, config)?;
+        let output = dense(vb.pp("mixer.out_proj"), h, h, config)?;
+        let norm = layer_norm(vb.pp("norm1"), h, config.layer_norm_eps)?;
+        Self::new(qkv, output, norm, None, config, vb.device(), vb.dtype())
+    }
+
+    fn new(
+        qkv: Dense,
+        output: Dense,
+        layer_norm: LayerNorm,
+        qk_norm: Option<(LayerNorm, LayerNorm)>,
+        config: &BertConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Self> {
+        let head_dim = config.hidden_size / config.num_attention_heads;
+        let alibi_host = config
+            .uses_alibi()
+            .then(|| alibi_slopes(config.num_attention_heads));
         Ok(Self {
             qkv,
-            output: Dense::new(candle_nn::linear(h, h, vb.pp("output.dense"))?)?,
-            layer_norm: layer_norm(vb.pp("output.LayerNorm"), h, config.layer_norm_eps)?,
+            output,
+            layer_norm,
             num_heads: config.num_attention_heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
             alibi_slopes: match &alibi_host {
                 Some(slopes) => Some(
-                    Tensor::from_vec(slopes.clone(), (1, slopes.len(), 1, 1), vb.device())?
-                        .to_dtype(vb.dtype())?,
+                    Tensor::from_vec(slopes.clone(), (1, slopes.len(), 1, 1), device)?
+                        .to_dtype(dtype)?,
                 ),
                 None => None,
             },
@@ -200,13 +285,24 @@ impl BertAttention {
     /// The fused CPU path over packed rows (see [`kernels`]): `x` is `rows x hidden`.
     fn forward_packed(&self, x: &[f32], rows: &Rows) -> candle_core::Result<Vec<f32>> {
         let h = self.num_heads * self.head_dim;
-        let mut qkv = self.qkv.forward_host(x, rows.total())?;
+        let mut qkv = self
+            .qkv
+            .forward_host_adapted(x, rows.total(), &rows.adapters)?;
         kernels::bias_activation(&mut qkv, 3 * h, self.qkv.host_bias()?.as_deref(), None);
         if let Some((norm_q, norm_k)) = &self.qk_norm {
             for (column, norm) in [(0, norm_q), (h, norm_k)] {
                 let (gamma, beta) = host_norm(norm)?;
                 kernels::layer_norm_columns(&mut qkv, 3 * h, column, &gamma, &beta, self.eps);
             }
+        }
+        if let Some(table) = &rows.rotary {
+            kernels::rotary(
+                &mut qkv,
+                &rows.offsets,
+                self.num_heads,
+                self.head_dim,
+                table,
+            );
         }
         let shape = AttentionShape {
             heads: self.num_heads,
@@ -221,7 +317,9 @@ impl BertAttention {
             self.alibi_host.as_deref(),
         );
         drop(qkv);
-        let mut out = self.output.forward_host(&context, rows.total())?;
+        let mut out = self
+            .output
+            .forward_host_adapted(&context, rows.total(), &rows.adapters)?;
         layer_norm_residual(
             &mut out,
             x,
@@ -232,10 +330,9 @@ impl BertAttention {
         Ok(out)
     }
 
-    /// `mask_bias` is `[batch, 1, 1, seq]`: 0 for real tokens, a large negative number for padding.
-    fn forward(&self, hidden: &Tensor, mask_bias: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, hidden: &Tensor, step: &Step) -> candle_core::Result<Tensor> {
         let (b, l, h) = hidden.dims3()?;
-        let qkv = self.qkv.forward(hidden)?;
+        let qkv = self.qkv.forward_adapted(hidden, step.adapters)?;
         let heads = |i: usize| -> candle_core::Result<Tensor> {
             let mut part = qkv.narrow(D::Minus1, i * h, h)?;
             if let (Some((norm_q, norm_k)), 0 | 1) = (&self.qk_norm, i) {
@@ -245,7 +342,11 @@ impl BertAttention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let (mut q, mut k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        if let Some((cos, sin)) = &step.rotary {
+            q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+            k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        }
         let k_t = k.t()?;
         let row_bytes = b * self.num_heads * l * q.dtype().size_in_bytes();
         let block = (ATTENTION_BLOCK_BYTES / row_bytes.max(1)).clamp(1, l);
@@ -253,7 +354,7 @@ impl BertAttention {
         for start in (0..l).step_by(block) {
             let rows = block.min(l - start);
             let q_rows = q.narrow(2, start, rows)?;
-            let mut scores = (q_rows.matmul(&k_t)? * self.scale)?.broadcast_add(mask_bias)?;
+            let mut scores = (q_rows.matmul(&k_t)? * self.scale)?.broadcast_add(&step.mask_bias)?;
             if let Some(slopes) = &self.alibi_slopes {
                 scores = scores.broadcast_add(&alibi_bias(slopes, start, rows, l)?)?;
             }
@@ -263,9 +364,19 @@ impl BertAttention {
         let context = Tensor::cat(&blocks, 2)?
             .transpose(1, 2)?
             .reshape((b, l, h))?;
-        let out = self.output.forward(&context)?;
+        let out = self.output.forward_adapted(&context, step.adapters)?;
         self.layer_norm.forward(&(out + hidden)?)
     }
+}
+
+/// What every layer of the candle path needs besides its input.
+struct Step<'a> {
+    /// `[batch, 1, 1, seq]`: 0 for attended tokens, a large negative number for the rest.
+    mask_bias: Tensor,
+    /// RoPE's cos and sin, `[seq, head_dim / 2]`, for rotary models.
+    rotary: Option<(Tensor, Tensor)>,
+    /// Each batch row's task adapter.
+    adapters: &'a [Option<usize>],
 }
 
 /// The feed-forward half of a block, residual and layer norm included.
@@ -292,7 +403,8 @@ enum FeedForward {
 
 impl FeedForward {
     /// The fused CPU path: `x` is `rows x hidden`, the attention block's output.
-    fn forward_packed(&self, x: &[f32], rows: usize, eps: f32) -> candle_core::Result<Vec<f32>> {
+    fn forward_packed(&self, x: &[f32], packed: &Rows, eps: f32) -> candle_core::Result<Vec<f32>> {
+        let (rows, spans) = (packed.total(), &packed.adapters);
         let (inner, output, layer_norm) = match self {
             FeedForward::Plain {
                 intermediate,
@@ -301,7 +413,7 @@ impl FeedForward {
                 activation,
             } => {
                 let i = intermediate.weight().dim(0)?;
-                let mut inner = intermediate.forward_host(x, rows)?;
+                let mut inner = intermediate.forward_host_adapted(x, rows, spans)?;
                 kernels::bias_activation(
                     &mut inner,
                     i,
@@ -318,13 +430,13 @@ impl FeedForward {
                 intermediate_size,
                 gate_first,
             } => {
-                let both = gated_layers.forward_host(x, rows)?;
+                let both = gated_layers.forward_host_adapted(x, rows, spans)?;
                 let inner =
                     kernels::gated_activation(&both, *intermediate_size, *activation, *gate_first);
                 (inner, wo, layer_norm)
             }
         };
-        let mut out = output.forward_host(&inner, rows)?;
+        let mut out = output.forward_host_adapted(&inner, rows, spans)?;
         layer_norm_residual(&mut out, x, output.host_bias()?.as_deref(), layer_norm, eps)?;
         Ok(out)
     }
@@ -369,7 +481,7 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, adapters: &[Option<usize>]) -> candle_core::Result<Tensor> {
         match self {
             FeedForward::Plain {
                 intermediate,
@@ -377,8 +489,8 @@ impl FeedForward {
                 layer_norm,
                 activation,
             } => {
-                let inner = activation.apply(&intermediate.forward(x)?)?;
-                layer_norm.forward(&(output.forward(&inner)? + x)?)
+                let inner = activation.apply(&intermediate.forward_adapted(x, adapters)?)?;
+                layer_norm.forward(&(output.forward_adapted(&inner, adapters)? + x)?)
             }
             FeedForward::Gated {
                 gated_layers,
@@ -388,7 +500,7 @@ impl FeedForward {
                 intermediate_size,
                 gate_first,
             } => {
-                let both = gated_layers.forward(x)?;
+                let both = gated_layers.forward_adapted(x, adapters)?;
                 let first = both.narrow(D::Minus1, 0, *intermediate_size)?;
                 let second = both.narrow(D::Minus1, *intermediate_size, *intermediate_size)?;
                 let (gate, value) = if *gate_first {
@@ -397,7 +509,7 @@ impl FeedForward {
                     (second, first)
                 };
                 let inner = (activation.apply(&gate)? * value)?;
-                layer_norm.forward(&(wo.forward(&inner)? + x)?)
+                layer_norm.forward(&(wo.forward_adapted(&inner, adapters)? + x)?)
             }
         }
     }
@@ -411,24 +523,39 @@ struct BertLayer {
     feed_forward: FeedForward,
 }
 
-/// Where each sequence's rows sit once padding is removed.
+/// Where each sequence's rows sit once padding is removed, and what runs on them.
 struct Rows<'a> {
     /// First row of each sequence, then the total.
     offsets: Vec<usize>,
     /// Leading rows of each sequence that are attended to.
     attended: &'a [usize],
+    /// Runs of rows whose sequences use a task adapter.
+    adapters: Vec<AdapterSpan>,
+    /// RoPE's table up to the longest sequence, for rotary models.
+    rotary: Option<RotaryTable>,
 }
 
 impl<'a> Rows<'a> {
-    fn of(batch: &'a Batch) -> Self {
+    fn of(batch: &'a Batch, rotary: Option<RotaryTable>) -> Self {
         let mut offsets = Vec::with_capacity(batch.lengths.len() + 1);
         offsets.push(0);
         for len in &batch.lengths {
             offsets.push(offsets[offsets.len() - 1] + len);
         }
+        let mut adapters: Vec<AdapterSpan> = Vec::new();
+        for (i, adapter) in batch.adapters.iter().enumerate() {
+            let Some(task) = *adapter else { continue };
+            let rows = offsets[i]..offsets[i + 1];
+            match adapters.last_mut() {
+                Some((last, t)) if *t == task && last.end == rows.start => last.end = rows.end,
+                _ => adapters.push((rows, task)),
+            }
+        }
         Self {
             offsets,
             attended: &batch.attended,
+            adapters,
+            rotary,
         }
     }
 
@@ -476,12 +603,27 @@ impl BertLayer {
         })
     }
 
-    fn forward(&self, hidden: &Tensor, mask_bias: &Tensor) -> candle_core::Result<Tensor> {
-        let mut attended = self.attention.forward(hidden, mask_bias)?;
+    /// The flash layout: `mixer`, `norm1`, `mlp.fc1`, `mlp.fc2`, `norm2`.
+    fn load_flash(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        Ok(Self {
+            attention: BertAttention::load_flash(&vb, config)?,
+            input_norm: None,
+            feed_forward: FeedForward::Plain {
+                intermediate: dense(vb.pp("mlp.fc1"), h, i, config)?,
+                output: dense(vb.pp("mlp.fc2"), i, h, config)?,
+                layer_norm: layer_norm(vb.pp("norm2"), h, config.layer_norm_eps)?,
+                activation: config.hidden_act,
+            },
+        })
+    }
+
+    fn forward(&self, hidden: &Tensor, step: &Step) -> candle_core::Result<Tensor> {
+        let mut attended = self.attention.forward(hidden, step)?;
         if let Some(norm) = &self.input_norm {
             attended = norm.forward(&(attended + hidden)?)?;
         }
-        self.feed_forward.forward(&attended)
+        self.feed_forward.forward(&attended, step.adapters)
     }
 
     fn forward_packed(&self, x: &[f32], rows: &Rows) -> candle_core::Result<Vec<f32>> {
@@ -490,7 +632,7 @@ impl BertLayer {
             layer_norm_residual(&mut attended, x, None, norm, self.attention.eps)?;
         }
         self.feed_forward
-            .forward_packed(&attended, rows.total(), self.attention.eps)
+            .forward_packed(&attended, rows, self.attention.eps)
     }
 }
 
@@ -499,6 +641,18 @@ pub struct BertModel {
     layers: Vec<BertLayer>,
     hidden_size: usize,
     dtype: DType,
+    /// (head size, base) for rotary models.
+    rotary: Option<(usize, f64)>,
+}
+
+/// How a checkpoint names its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Hugging Face's BERT names: `embeddings.LayerNorm`, `encoder.layer.N.attention.self.query`...
+    Hf,
+    /// The flash-attention implementation's (jina-embeddings-v3): `emb_ln`,
+    /// `encoder.layers.N.mixer.Wqkv`, `norm1`, `mlp.fc1`...
+    Flash,
 }
 
 impl BertModel {
@@ -509,24 +663,57 @@ impl BertModel {
             Some(prefix) => vb.pp(prefix),
             None => vb,
         };
+        if config.uses_rotary() && config.rotary_emb_interleaved == Some(true) {
+            candle_core::bail!("interleaved rotary embeddings are not supported");
+        }
+        let layout = if vb.contains_tensor("emb_ln.weight") {
+            Layout::Flash
+        } else {
+            Layout::Hf
+        };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), config))
+            .map(|i| match layout {
+                Layout::Hf => BertLayer::load(vb.pp(format!("encoder.layer.{i}")), config),
+                Layout::Flash => {
+                    BertLayer::load_flash(vb.pp(format!("encoder.layers.{i}")), config)
+                }
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let head_dim = config.hidden_size / config.num_attention_heads;
+        if config.uses_rotary() && !head_dim.is_multiple_of(2) {
+            candle_core::bail!("rotary embeddings need an even head size, not {head_dim}");
+        }
         Ok(Self {
-            embeddings: BertEmbeddings::load(vb.pp("embeddings"), config)?,
+            embeddings: BertEmbeddings::load(&vb, config, layout)?,
             layers,
             hidden_size: config.hidden_size,
             dtype: vb.dtype(),
+            rotary: config
+                .uses_rotary()
+                .then(|| (head_dim, config.rotary_base())),
         })
+    }
+
+    fn rotary_table(&self, batch: &Batch) -> Option<RotaryTable> {
+        self.rotary
+            .map(|(head_dim, base)| RotaryTable::new(head_dim, base, batch.max_len))
     }
 
     /// The layers as candle operations, one tensor per step: the path for GPUs and reduced
     /// precision, and the reference the fused CPU path is tested against.
     pub fn forward_unfused(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        let mask_bias = attention_bias(&batch.attention_mask, self.dtype)?;
+        let rotary = match self.rotary_table(batch) {
+            Some(table) => Some(table.tensors(batch.input_ids.device(), self.dtype)?),
+            None => None,
+        };
+        let step = Step {
+            mask_bias: attention_bias(&batch.attention_mask, self.dtype)?,
+            rotary,
+            adapters: &batch.adapters,
+        };
         let mut hidden = self.embeddings.forward(batch)?;
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, &mask_bias)?;
+            hidden = layer.forward(&hidden, &step)?;
         }
         Ok(hidden)
     }
@@ -567,7 +754,7 @@ impl BertModel {
     fn forward_fused(&self, batch: &Batch) -> candle_core::Result<Tensor> {
         let embedded = self.embeddings.forward(batch)?;
         let (b, l, h) = embedded.dims3()?;
-        let rows = Rows::of(batch);
+        let rows = Rows::of(batch, self.rotary_table(batch));
         let padded = embedded.flatten_all()?.to_vec1::<f32>()?;
         let mut x = Vec::with_capacity(rows.total() * h);
         for (i, len) in batch.lengths.iter().enumerate() {
@@ -648,9 +835,73 @@ fn alibi_bias(
 
 /// The prefix a task-head checkpoint stores the encoder under (`bert`, `roberta`), if any.
 pub(crate) fn model_prefix(vb: &VarBuilder) -> Option<&'static str> {
-    ["bert", "roberta", "model"]
-        .into_iter()
-        .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
+    ["bert", "roberta", "model"].into_iter().find(|p| {
+        let words = format!("{p}.embeddings.word_embeddings");
+        vb.contains_tensor(&format!("{words}.weight"))
+            || vb.contains_tensor(&format!("{words}.parametrizations.weight.original"))
+    })
+}
+
+/// A weight stored plainly (`weight`) or as a LoRA parametrization's base
+/// (`parametrizations.weight.original`).
+fn parametrized_weight(vb: &VarBuilder, shape: (usize, usize)) -> candle_core::Result<Tensor> {
+    if vb.contains_tensor("weight") {
+        vb.get(shape, "weight")
+    } else {
+        vb.get(shape, "parametrizations.weight.original")
+    }
+}
+
+/// The adapters' sizes for a layer that has adapters.
+fn lora_shape(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<LoraShape> {
+    match config.lora_shape() {
+        Some(shape) => Ok(shape),
+        None => candle_core::bail!(
+            "{} has LoRA adapters but config.json names no `lora_adaptations`",
+            vb.prefix()
+        ),
+    }
+}
+
+/// A Linear with a bias, and its task adapters when the checkpoint has them.
+fn dense(
+    vb: VarBuilder,
+    in_features: usize,
+    out_features: usize,
+    config: &BertConfig,
+) -> candle_core::Result<Dense> {
+    let weight = parametrized_weight(&vb, (out_features, in_features))?;
+    let bias = vb.get(out_features, "bias")?;
+    let dense = Dense::new(Linear::new(weight, Some(bias)))?;
+    Ok(match lora::adapters_of(&vb) {
+        Some(adapters) => dense.with_lora(LinearLora::load(
+            adapters,
+            lora_shape(&vb, config)?,
+            in_features,
+            out_features,
+        )?),
+        None => dense,
+    })
+}
+
+/// An embedding table (`hidden_size` wide), and its task adapters when the checkpoint has them.
+fn embedding(
+    vb: VarBuilder,
+    rows: usize,
+    config: &BertConfig,
+) -> candle_core::Result<(Embedding, Option<EmbeddingLora>)> {
+    let h = config.hidden_size;
+    let table = Embedding::new(parametrized_weight(&vb, (rows, h))?, h);
+    let lora = match lora::adapters_of(&vb) {
+        Some(adapters) => Some(EmbeddingLora::load(
+            adapters,
+            lora_shape(&vb, config)?,
+            rows,
+            h,
+        )?),
+        None => None,
+    };
+    Ok((table, lora))
 }
 
 /// `[batch, seq]` 1/0 mask to an additive `[batch, 1, 1, seq]` bias.
@@ -808,6 +1059,43 @@ mod tests {
                             "alibi={alibi} row {row} token {t}: {a} vs {b}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rotary_and_task_adapters_match_on_both_paths() {
+        // The jina-embeddings-v3 fixture (flash layout, LoRA adapters, rotary): the fused path
+        // against candle's operations, rows of one batch on different adapters.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny-jina-v3");
+        let config: BertConfig =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let vb = var_builder(&dir.join("model.safetensors"), DType::F32, &Device::Cpu).unwrap();
+        let model = BertModel::load(vb, &config).unwrap();
+        let sequences: Vec<TokenSequence> = [9usize, 4, 30]
+            .iter()
+            .map(|&n| TokenSequence {
+                ids: (0..n as u32).map(|t| (t * 131 + 7) % 30522).collect(),
+                type_ids: vec![0; n],
+            })
+            .collect();
+        let refs: Vec<&TokenSequence> = sequences.iter().collect();
+        let batch = Batch::new(&refs, 0, &Device::Cpu)
+            .unwrap()
+            .with_adapters(vec![Some(4), None, Some(0)]);
+        let fused = model.forward(&batch).unwrap().to_vec3::<f32>().unwrap();
+        let reference = model
+            .forward_unfused(&batch)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        for (row, seq) in sequences.iter().enumerate() {
+            for t in 0..seq.len() {
+                for (a, b) in fused[row][t].iter().zip(&reference[row][t]) {
+                    assert!((a - b).abs() < 1e-4, "row {row} token {t}: {a} vs {b}");
                 }
             }
         }

@@ -3,6 +3,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::Linear;
 
+use super::lora::{AdapterSpan, LinearLora};
 use crate::kernels::{self, HostSlice, PackedBf16};
 
 pub struct Dense {
@@ -11,6 +12,8 @@ pub struct Dense {
     linear: Linear,
     /// The weight rounded to bfloat16 and packed, when the model runs in reduced precision.
     bf16: Option<PackedBf16>,
+    /// Per-task low-rank updates (jina-embeddings-v3), applied on top of the base product.
+    lora: Option<LinearLora>,
 }
 
 impl Dense {
@@ -21,7 +24,43 @@ impl Dense {
         } else {
             linear
         };
-        Ok(Self { linear, bf16: None })
+        Ok(Self {
+            linear,
+            bf16: None,
+            lora: None,
+        })
+    }
+
+    pub fn with_lora(mut self, lora: LinearLora) -> Self {
+        self.lora = Some(lora);
+        self
+    }
+
+    /// `x · Wᵀ + b`, each batch row with its task adapter's update (`[batch, seq, in]` input).
+    pub fn forward_adapted(
+        &self,
+        x: &Tensor,
+        adapters: &[Option<usize>],
+    ) -> candle_core::Result<Tensor> {
+        let out = self.linear.forward(x)?;
+        match &self.lora {
+            Some(lora) => lora.add(x, out, adapters),
+            None => Ok(out),
+        }
+    }
+
+    /// [`Self::forward_host`] with the adapters' updates for the rows in `spans`.
+    pub fn forward_host_adapted(
+        &self,
+        x: &[f32],
+        rows: usize,
+        spans: &[AdapterSpan],
+    ) -> candle_core::Result<Vec<f32>> {
+        let mut out = self.forward_host(x, rows)?;
+        if let Some(lora) = &self.lora {
+            lora.add_host(x, &mut out, spans)?;
+        }
+        Ok(out)
     }
 
     pub fn weight(&self) -> &Tensor {

@@ -3,6 +3,7 @@
 pub mod bert;
 pub mod classifier;
 pub mod dense;
+pub mod lora;
 pub mod t5;
 
 use candle_core::{DType, Device, Tensor};
@@ -45,12 +46,12 @@ pub fn bert_config(dir: &ModelDir, raw: &serde_json::Value) -> Result<BertConfig
     if let Some(p) = config
         .position_embedding_type
         .as_deref()
-        .filter(|p| !matches!(*p, "absolute" | "alibi"))
+        .filter(|p| !matches!(*p, "absolute" | "alibi" | "rotary"))
     {
         return Err(RuntimeError::ModelConfig {
             path: dir.config.clone(),
             field: "position_embedding_type".into(),
-            reason: format!("'{p}' is not supported ('absolute' or 'alibi')"),
+            reason: format!("'{p}' is not supported ('absolute', 'alibi' or 'rotary')"),
         });
     }
     if let Some(t) = config
