@@ -360,3 +360,51 @@ fn request_limits_are_4xx_with_a_detail() {
     assert_eq!(status, 413);
     assert!(resp["detail"].as_str().unwrap().contains("2000"), "{resp}");
 }
+
+#[test]
+fn task_selects_the_adapter_of_a_model_that_has_them() {
+    // jina-embeddings-v3's layout (tests/fixtures/make_jina_v3_fixture.py): each task runs its
+    // LoRA adapter with its instruction in front, as the reference does.
+    let dir = workspace().join("tests/fixtures/models/tiny-jina-v3");
+    let spec = format!("tiny-jina-v3={}", dir.display());
+    let server = Server::start(&["--model", &spec]);
+    let path = workspace().join("tests/fixtures/jina_v3.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let texts = fixture["texts"].clone();
+    for case in fixture["cases"].as_array().unwrap() {
+        let mut body = json!({"model": "tiny-jina-v3", "input": texts.clone()});
+        if !case["task"].is_null() {
+            body["task"] = case["task"].clone();
+        }
+        let (status, resp) = server.post("/v1/embeddings", &body);
+        assert_eq!(status, 200, "{resp}");
+        let theirs: Vec<Vec<f32>> = case["embeddings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
+        for (i, (a, b)) in vectors(&resp).iter().zip(&theirs).enumerate() {
+            let c = cosine(a, b);
+            assert!(c >= 0.9999, "task {}, input {i}: cosine {c}", case["task"]);
+        }
+    }
+    // Matryoshka: the leading dimensions, normalized again.
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "tiny-jina-v3", "input": ["a query"], "task": "retrieval.query",
+                "dimensions": 32}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    let short = &vectors(&resp)[0];
+    assert_eq!(short.len(), 32);
+    assert!((norm(short) - 1.0).abs() < 1e-5);
+    // Late chunking with a task: each window opens with the instruction.
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "tiny-jina-v3", "input": ["first chunk", "second chunk"],
+                "task": "retrieval.passage", "late_chunking": true}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(vectors(&resp).len(), 2);
+}

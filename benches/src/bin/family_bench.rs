@@ -1,5 +1,6 @@
 //! In-process tokens/s of one model at a given input length, and the process's peak RSS:
-//! the figures for the model families (512-token inputs) and for long ALiBi inputs (8192).
+//! the figures for the model families (512-token inputs) and for long ALiBi and rotary inputs
+//! (8192).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,6 +22,9 @@ struct Args {
     batch: usize,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Run with this task's adapter (models with task adapters, as jina-embeddings-v3).
+    #[arg(long)]
+    task: Option<String>,
 }
 
 /// A `/proc/self/status` figure in KiB: `VmHWM` (peak resident set) or `VmRSS` (current).
@@ -62,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let (mut tokens, started) = (0usize, Instant::now());
     for _ in 0..args.rounds {
-        let items = model.prepare(&texts, true)?;
+        let items = model.prepare_for_task(&texts, true, args.task.as_deref())?;
         tokens += rt.block_on(model.embed(items))?.tokens;
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -70,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         "{}",
         json!({
             "model": args.model_dir.display().to_string(), "tokens_per_input": args.tokens,
-            "batch": args.batch, "tokens_per_s": tokens as f64 / seconds, "seconds": seconds,
+            "batch": args.batch, "task": args.task, "tokens_per_s": tokens as f64 / seconds, "seconds": seconds,
             "rss_after_load_mib": loaded_rss / 1024, "peak_rss_during_load_mib": load_peak / 1024,
             "peak_rss_during_inference_mib": peak_rss_kib() / 1024,
         })

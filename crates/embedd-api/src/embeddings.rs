@@ -79,6 +79,20 @@ impl EmbedRequest {
         if !model.accepts_images {
             errors.detail.extend(image_errors(&self.input, &model.name));
         }
+        if let Some(task) = self
+            .task
+            .filter(|t| !model.tasks.is_empty() && !model.tasks.iter().any(|n| n == t.as_str()))
+        {
+            errors.push(ValidationError::value(
+                body_loc("task"),
+                format!(
+                    "model '{}' has no adapter for task '{}'; its tasks are: {}",
+                    model.name,
+                    task.as_str(),
+                    model.tasks.join(", ")
+                ),
+            ));
+        }
         if self.late_chunking && !model.supports_late_chunking {
             errors.push(ValidationError::value(
                 body_loc("late_chunking"),
@@ -189,6 +203,7 @@ mod tests {
             max_input_tokens: 16,
             accepts_images: false,
             supports_late_chunking: true,
+            tasks: Vec::new(),
         }
     }
 

@@ -44,6 +44,8 @@ pub struct ModelCapabilities {
     pub max_input_tokens: usize,
     pub accepts_images: bool,
     pub supports_late_chunking: bool,
+    /// The tasks the model has adapters for; empty: `task` is accepted and has no effect.
+    pub tasks: Vec<String>,
 }
 
 impl ModelCapabilities {

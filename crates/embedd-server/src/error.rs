@@ -47,6 +47,11 @@ impl ApiError {
                 error.to_string(),
             ))
             .into(),
+            RuntimeError::UnknownTask { .. } => ValidationErrors::single(ValidationError::value(
+                vec!["body".into(), "task".into()],
+                error.to_string(),
+            ))
+            .into(),
             RuntimeError::Overloaded { .. } => ApiError::Overloaded(error.to_string()),
             RuntimeError::WorkerStopped => ApiError::Unavailable(error.to_string()),
             other => {

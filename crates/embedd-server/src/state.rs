@@ -24,6 +24,7 @@ impl ServedModel {
                 max_input_tokens: m.max_tokens(),
                 accepts_images: false,
                 supports_late_chunking: true,
+                tasks: m.tasks().to_vec(),
             },
             ServedModel::Reranker(m) => ModelCapabilities {
                 name: m.name().to_string(),
@@ -32,6 +33,7 @@ impl ServedModel {
                 max_input_tokens: m.max_tokens(),
                 accepts_images: false,
                 supports_late_chunking: false,
+                tasks: Vec::new(),
             },
             ServedModel::MultiVector(m) => ModelCapabilities {
                 name: m.name().to_string(),
@@ -40,6 +42,7 @@ impl ServedModel {
                 max_input_tokens: m.settings().doc_maxlen,
                 accepts_images: false,
                 supports_late_chunking: false,
+                tasks: Vec::new(),
             },
         }
     }

@@ -40,12 +40,13 @@ pub async fn create(
 
     let texts = request.texts();
     let (truncate, late_chunking) = (request.truncate, request.late_chunking);
+    let task = request.task.map(|t| t.as_str());
     let tokenizer_model = model.clone();
     let items = super::off_runtime("tokenizer", move || {
         if late_chunking {
-            tokenizer_model.prepare_late_chunks(&texts, truncate)
+            tokenizer_model.prepare_late_chunks(&texts, truncate, task)
         } else {
-            tokenizer_model.prepare(&texts, truncate)
+            tokenizer_model.prepare_for_task(&texts, truncate, task)
         }
     })
     .await?
