@@ -1,4 +1,5 @@
-//! GFLOP/s of the fused path's float32 matrix product (`kernels::matmul`) at the shapes of
+//! GFLOP/s of the fused path's matrix products (`kernels::matmul` in float32, and the bfloat16
+//! kernel where the CPU has AVX-512 BF16) at the shapes of
 //! all-MiniLM-L6-v2's layers, for a short sentence (25 rows), a batch of 8 (200) and of 32 (800):
 //! where the small-batch gap to ONNX Runtime is, kernel by kernel.
 
@@ -32,18 +33,26 @@ fn main() {
             let w: Vec<f32> = (0..k * n)
                 .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
                 .collect();
-            let (mut calls, started) = (0u64, Instant::now());
-            while started.elapsed().as_secs_f64() < args.seconds {
-                std::hint::black_box(kernels::matmul(&x, m, k, &w, n));
-                calls += 1;
+            let packed = kernels::bf16::available().then(|| kernels::PackedBf16::pack(&w, k, n));
+            let f32_product = || kernels::matmul(&x, m, k, &w, n);
+            let mut report = json!({"rows": m, "layer": name, "k": k, "n": n});
+            report["f32_gflop_per_s"] = json!(gflop_per_s(args.seconds, m * k * n, f32_product));
+            if let Some(packed) = &packed {
+                let bf16_product = || packed.matmul(&x, m);
+                report["bf16_gflop_per_s"] =
+                    json!(gflop_per_s(args.seconds, m * k * n, bf16_product));
             }
-            let seconds = started.elapsed().as_secs_f64();
-            let gflops = 2.0 * (m * k * n) as f64 * calls as f64 / seconds / 1e9;
-            println!(
-                "{}",
-                json!({"rows": m, "layer": name, "k": k, "n": n, "gflop_per_s": gflops,
-                       "us_per_call": seconds / calls as f64 * 1e6})
-            );
+            println!("{report}");
         }
     }
+}
+
+/// Runs `product` (`multiply_adds` multiply-adds each) for `seconds`.
+fn gflop_per_s(seconds: f64, multiply_adds: usize, product: impl Fn() -> Vec<f32>) -> f64 {
+    let (mut calls, started) = (0u64, Instant::now());
+    while started.elapsed().as_secs_f64() < seconds {
+        std::hint::black_box(product());
+        calls += 1;
+    }
+    2.0 * multiply_adds as f64 * calls as f64 / started.elapsed().as_secs_f64() / 1e9
 }
