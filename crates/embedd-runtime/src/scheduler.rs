@@ -517,6 +517,8 @@ mod tests {
         let gate = Arc::new(Mutex::new(()));
         let held = gate.lock().unwrap();
         let (seen, worker_gate) = (order.clone(), gate.clone());
+        let batches_started = Arc::new(AtomicUsize::new(0));
+        let started = batches_started.clone();
         let scheduler = Arc::new(BatchScheduler::new(
             "t",
             SchedulerConfig {
@@ -526,6 +528,7 @@ mod tests {
                 max_background_batch_size: 8,
             },
             Box::new(move |items: &[&Item]| {
+                started.fetch_add(1, Ordering::SeqCst);
                 let _g = worker_gate.lock().unwrap();
                 seen.lock().unwrap().extend(items.iter().map(|i| i.0));
                 Ok(items.iter().map(|i| i.0).collect())
@@ -541,7 +544,8 @@ mod tests {
             s.submit_with((0..10).map(|_| Item(1)).collect(), Priority::Background)
                 .await
         });
-        while scheduler.queued_items() < 10 {
+        // The worker holds a background batch (waiting at the gate) before the live request comes.
+        while batches_started.load(Ordering::SeqCst) == 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
         let s = scheduler.clone();

@@ -58,21 +58,10 @@ impl LinearLora {
         out: Tensor,
         adapters: &[Option<usize>],
     ) -> candle_core::Result<Tensor> {
-        if adapters.iter().all(Option::is_none) {
-            return Ok(out);
-        }
-        let rows = adapters
-            .iter()
-            .enumerate()
-            .map(|(i, adapter)| {
-                let row = out.get(i)?;
-                let Some(task) = adapter else { return Ok(row) };
-                let a = self.a.get(*task)?;
-                let low = x.get(i)?.matmul(&a.t()?)?;
-                row + (low.matmul(&self.b_t.get(*task)?)? * self.scaling)?
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::stack(&rows, 0)
+        add_per_row(out, adapters, self.scaling, |i, task| {
+            let low = x.get(i)?.matmul(&self.a.get(task)?.t()?)?;
+            low.matmul(&self.b_t.get(task)?)
+        })
     }
 
     /// The fused path: adds the updates to packed rows `out` (`rows x out`) for `x` (`rows x in`).
@@ -131,21 +120,35 @@ impl EmbeddingLora {
         out: Tensor,
         adapters: &[Option<usize>],
     ) -> candle_core::Result<Tensor> {
-        if adapters.iter().all(Option::is_none) {
-            return Ok(out);
-        }
-        let rows = adapters
-            .iter()
-            .enumerate()
-            .map(|(i, adapter)| {
-                let row = out.get(i)?;
-                let Some(task) = adapter else { return Ok(row) };
-                let low = self.a.get(*task)?.index_select(&ids.get(i)?, 0)?;
-                row + (low.matmul(&self.b.get(*task)?)? * self.scaling)?
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::stack(&rows, 0)
+        add_per_row(out, adapters, self.scaling, |i, task| {
+            let low = self.a.get(task)?.index_select(&ids.get(i)?, 0)?;
+            low.matmul(&self.b.get(task)?)
+        })
     }
+}
+
+/// `out[i] += scaling · update(i, task)` for each batch row `i` that has a task.
+fn add_per_row(
+    out: Tensor,
+    adapters: &[Option<usize>],
+    scaling: f64,
+    update: impl Fn(usize, usize) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    if adapters.iter().all(Option::is_none) {
+        return Ok(out);
+    }
+    let rows = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, adapter)| {
+            let row = out.get(i)?;
+            match adapter {
+                Some(task) => row + (update(i, *task)? * scaling)?,
+                None => Ok(row),
+            }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::stack(&rows, 0)
 }
 
 /// Where a parametrized weight keeps its adapters, if it has them.
