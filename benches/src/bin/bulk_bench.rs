@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use embedd_benches::{percentile, read_lines};
 use reqwest::blocking::multipart::{Form, Part};
 use serde_json::{json, Value};
 
@@ -41,21 +42,13 @@ fn latencies(
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     ms.sort_by(f64::total_cmp);
-    Ok((
-        ms[ms.len() / 2],
-        ms[((ms.len() - 1) as f64 * 0.95).round() as usize],
-    ))
+    Ok((percentile(&ms, 0.5), percentile(&ms, 0.95)))
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let url = args.url.trim_end_matches('/');
-    let sentences: Vec<String> = std::fs::read_to_string(&args.sentences)
-        .context("reading sentences")?
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
+    let sentences = read_lines(&args.sentences)?;
     let mut writer = csv::Writer::from_writer(Vec::new());
     writer.write_record(["text"])?;
     for i in 0..args.rows {

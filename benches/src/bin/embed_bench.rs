@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Parser;
+use embedd_benches::read_lines;
 use embedd_runtime::embedder::EmbedderSpec;
 use embedd_runtime::{DeviceSpec, ModelSource, Precision, SchedulerConfig, TextEmbedder};
 use serde_json::json;
@@ -88,12 +88,7 @@ fn report(engine: &str, batch: usize, m: &Measurement) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let sentences: Vec<String> = std::fs::read_to_string(&args.sentences)
-        .with_context(|| format!("reading {}", args.sentences.display()))?
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
+    let sentences = read_lines(&args.sentences)?;
 
     if let Some(dir) = &args.model_dir {
         let model = TextEmbedder::load(&EmbedderSpec {

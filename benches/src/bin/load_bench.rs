@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Parser;
+use embedd_benches::{percentile, read_lines};
 use serde_json::{json, Value};
 
 #[derive(Parser, Clone)]
@@ -79,12 +79,7 @@ struct Outcome {
 
 fn report(load: &Load, mode: &str, extra: Value, mut o: Outcome) {
     o.latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if o.latencies.is_empty() {
-            return f64::NAN;
-        }
-        o.latencies[((o.latencies.len() - 1) as f64 * p).round() as usize]
-    };
+    let pct = |p: f64| percentile(&o.latencies, p);
     let rps = o.latencies.len() as f64 / o.elapsed;
     let mut line = json!({
         "route": load.args.route, "items": load.args.items, "mode": mode,
@@ -162,12 +157,7 @@ async fn open_loop(load: Arc<Load>, rate: f64) -> Outcome {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let texts: Vec<String> = std::fs::read_to_string(&args.texts)
-        .with_context(|| format!("reading {}", args.texts.display()))?
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
+    let texts = read_lines(&args.texts)?;
     anyhow::ensure!(
         texts.len() >= args.items,
         "need at least {} texts",

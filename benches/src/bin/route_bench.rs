@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Parser;
+use embedd_benches::{percentile, read_lines};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -27,19 +27,9 @@ struct Args {
     requests: usize,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let docs: Vec<String> = std::fs::read_to_string(&args.documents)
-        .with_context(|| format!("reading {}", args.documents.display()))?
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
+    let docs = read_lines(&args.documents)?;
     anyhow::ensure!(
         docs.len() >= args.docs,
         "need at least {} documents",

@@ -113,13 +113,13 @@ fn load_encoder(
                 field: "(t5 config)".into(),
                 reason: e.to_string(),
             })?;
-        let vb = open_weights(dir, device)?;
         if precision != Precision::F32 {
             return Err(RuntimeError::Precision {
                 precision: precision.to_string(),
                 reason: "reduced precision is implemented for BERT-family encoders only".into(),
             });
         }
+        let vb = open_weights(dir, device)?;
         let model = T5EncoderModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
         return Ok((Box::new(model), None, TaskAdapters::default()));
     }

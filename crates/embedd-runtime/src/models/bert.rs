@@ -234,7 +234,7 @@ impl BertAttention {
         } else {
             None
         };
-        let output = Dense::new(candle_nn::linear(h, h, vb.pp("output.dense"))?)?;
+        let output = dense(vb.pp("output.dense"), h, h, config)?;
         let norm = layer_norm(vb.pp("output.LayerNorm"), h, config.layer_norm_eps)?;
         Self::new(qkv, output, norm, qk_norm, config, vb.device(), vb.dtype())
     }
@@ -466,7 +466,7 @@ impl FeedForward {
                     vb.pp(both).get((2 * i, h), "weight")?,
                     None,
                 ))?,
-                wo: Dense::new(candle_nn::linear(i, h, vb.pp(out))?)?,
+                wo: dense(vb.pp(out), i, h, config)?,
                 layer_norm: layer_norm(vb.pp(norm), h, eps)?,
                 activation: config.hidden_act,
                 intermediate_size: i,
@@ -474,8 +474,8 @@ impl FeedForward {
             });
         }
         Ok(FeedForward::Plain {
-            intermediate: Dense::new(candle_nn::linear(h, i, vb.pp("intermediate.dense"))?)?,
-            output: Dense::new(candle_nn::linear(i, h, vb.pp("output.dense"))?)?,
+            intermediate: dense(vb.pp("intermediate.dense"), h, i, config)?,
+            output: dense(vb.pp("output.dense"), i, h, config)?,
             layer_norm: layer_norm(vb.pp("output.LayerNorm"), h, eps)?,
             activation: config.hidden_act,
         })
@@ -863,7 +863,8 @@ fn lora_shape(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<LoraS
     }
 }
 
-/// A Linear with a bias, and its task adapters when the checkpoint has them.
+/// A Linear with a bias (weight stored plainly or as a parametrization), and its task adapters
+/// when the checkpoint has them.
 fn dense(
     vb: VarBuilder,
     in_features: usize,

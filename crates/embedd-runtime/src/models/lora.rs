@@ -170,6 +170,15 @@ mod tests {
         }
     }
 
+    /// `lora_A` and `lora_B` as a checkpoint's `parametrizations.weight.0` holds them.
+    fn adapter_weights(a: &Tensor, b: &Tensor) -> VarBuilder<'static> {
+        let tensors = [
+            ("lora_A".to_string(), a.clone()),
+            ("lora_B".to_string(), b.clone()),
+        ];
+        VarBuilder::from_tensors(tensors.into(), DType::F32, &Device::Cpu)
+    }
+
     fn randn(dims: &[usize]) -> Tensor {
         Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap()
     }
@@ -179,15 +188,7 @@ mod tests {
     fn linear_update_equals_the_merged_weight_on_both_paths() {
         let (k, n) = (5, 4);
         let (a, b) = (randn(&[2, 3, k]), randn(&[2, n, 3]));
-        let vb = VarBuilder::from_tensors(
-            [
-                ("lora_A".to_string(), a.clone()),
-                ("lora_B".to_string(), b.clone()),
-            ]
-            .into(),
-            DType::F32,
-            &Device::Cpu,
-        );
+        let vb = adapter_weights(&a, &b);
         let lora = LinearLora::load(vb, shape(), k, n).unwrap();
         let x = randn(&[2, 3, k]);
         let zeros = Tensor::zeros((2, 3, n), DType::F32, &Device::Cpu).unwrap();
@@ -229,15 +230,7 @@ mod tests {
     fn embedding_update_equals_the_merged_table() {
         let (vocab, dim) = (7, 4);
         let (a, b) = (randn(&[2, vocab, 3]), randn(&[2, 3, dim]));
-        let vb = VarBuilder::from_tensors(
-            [
-                ("lora_A".to_string(), a.clone()),
-                ("lora_B".to_string(), b.clone()),
-            ]
-            .into(),
-            DType::F32,
-            &Device::Cpu,
-        );
+        let vb = adapter_weights(&a, &b);
         let lora = EmbeddingLora::load(vb, shape(), vocab, dim).unwrap();
         let ids = Tensor::new(&[[6u32, 0, 3]], &Device::Cpu).unwrap();
         let zeros = Tensor::zeros((1, 3, dim), DType::F32, &Device::Cpu).unwrap();
