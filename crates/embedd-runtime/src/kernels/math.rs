@@ -12,7 +12,8 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2_E + ROUND_MAGIC) - ROUND_MAGIC;
+    let shifted = x * LOG2_E + ROUND_MAGIC;
+    let n = shifted - ROUND_MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Taylor to r^7: |r| <= ln2/2 leaves a remainder below 1e-8.
     let p = 1.0
@@ -21,7 +22,10 @@ pub fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from the integer the magic left in the low mantissa bits (n + 2^22): integer ops that
+    // vectorize, where `n as i32` (a saturating conversion) went lane by lane.
+    let biased = shifted.to_bits().wrapping_sub(ROUND_MAGIC.to_bits() - 127);
+    let scale = f32::from_bits(biased << 23);
     p * scale
 }
 
