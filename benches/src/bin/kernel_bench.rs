@@ -37,6 +37,12 @@ fn main() {
             let f32_product = || kernels::matmul(&x, m, k, &w, n);
             let mut report = json!({"rows": m, "layer": name, "k": k, "n": n});
             report["f32_gflop_per_s"] = json!(gflop_per_s(args.seconds, m * k * n, f32_product));
+            if kernels::PackedF32::available() {
+                let packed = kernels::PackedF32::pack(&w, k, n);
+                let packed_product = || packed.matmul(&x, m);
+                report["f32_packed_gflop_per_s"] =
+                    json!(gflop_per_s(args.seconds, m * k * n, packed_product));
+            }
             if let Some(packed) = &packed {
                 let bf16_product = || packed.matmul(&x, m);
                 report["bf16_gflop_per_s"] =

@@ -7,18 +7,9 @@
 
 use rayon::prelude::*;
 
-use super::DisjointWrites;
+use super::packed::{for_each_tile, unpad, LANES, STRIP};
+use super::rows_per_task;
 
-/// Output columns per vector register.
-const LANES: usize = 16;
-/// Columns per task: two registers per row.
-const STRIP: usize = 2 * LANES;
-/// Rows per micro-kernel call.
-const ROWS: usize = 8;
-/// Rows per task: a block's inputs (at most 64 x 768 pairs, 192 KiB) stay in L2 while strips
-/// pass over them. Without blocks, a batch of 800 rows streamed its 2.4 MiB of inputs from L3
-/// once per strip, and the k = 1536 products ran at half speed.
-const BLOCK_ROWS: usize = 64;
 /// Pairs of `k` per pass: one pass's weights for a strip (192 pairs x 32 columns, 24 KiB) stay in
 /// L1 while the block's rows go by.
 const PASS_PAIRS: usize = 192;
@@ -31,6 +22,18 @@ fn to_bf16(x: f32) -> u16 {
         return 0x7fc0;
     }
     ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+fn from_bf16(v: u16) -> f32 {
+    f32::from_bits((v as u32) << 16)
+}
+
+/// Where weight `(row, col)` lies in the packed data: per strip of 32 columns, per pair of rows,
+/// two vectors of 16 lanes x 2 values.
+fn position(pairs: usize, row: usize, col: usize) -> usize {
+    let (strip, within) = (col / STRIP, col % STRIP);
+    let (vector, lane) = (within / LANES, within % LANES);
+    (((strip * pairs + row / 2) * 2 + vector) * LANES + lane) * 2 + row % 2
 }
 
 /// Whether this CPU runs the bfloat16 kernel.
@@ -65,12 +68,8 @@ impl PackedBf16 {
         let n_padded = n.div_ceil(STRIP) * STRIP;
         let mut data = vec![0u16; n_padded * pairs * 2];
         for col in 0..n {
-            let (strip, within) = (col / STRIP, col % STRIP);
-            let (vector, lane) = (within / LANES, within % LANES);
             for row in 0..k {
-                let p = row / 2;
-                let index = (((strip * pairs + p) * 2 + vector) * LANES + lane) * 2 + row % 2;
-                data[index] = to_bf16(w[row * n + col]);
+                data[position(pairs, row, col)] = to_bf16(w[row * n + col]);
             }
         }
         Self {
@@ -90,64 +89,60 @@ impl PackedBf16 {
         self.n
     }
 
+    /// The rounded weight as float32 in its `k x n` row-major layout.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut w = vec![0f32; k * n];
+        for col in 0..n {
+            for row in 0..k {
+                w[row * n + col] = from_bf16(self.data[position(self.pairs, row, col)]);
+            }
+        }
+        w
+    }
+
     /// `x · w` for `x` of `m x k` (float32): `m x n` float32. Call only where [`available`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "lhs is not {m} x {}", self.k);
         assert!(available(), "bfloat16 matmul on a CPU without AVX-512 BF16");
+        let pairs = self.pairs;
         // Inputs as bf16 pairs, one u32 per pair: the value a kernel broadcasts.
-        let mut a = vec![0u32; m * self.pairs];
-        a.par_chunks_mut(self.pairs)
-            .zip(x.par_chunks(self.k))
-            .for_each(|(dst, row)| {
-                for (p, d) in dst.iter_mut().enumerate() {
-                    let lo = to_bf16(row[2 * p]) as u32;
-                    let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);
-                    *d = lo | (hi << 16);
+        let mut a = vec![0u32; m * pairs];
+        a.par_chunks_mut(pairs * rows_per_task(self.k))
+            .zip(x.par_chunks(self.k * rows_per_task(self.k)))
+            .for_each(|(dst, rows)| {
+                for (dst, row) in dst.chunks_exact_mut(pairs).zip(rows.chunks_exact(self.k)) {
+                    // SAFETY: `available()` was checked above.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        x86::round_pairs(row, dst)
+                    };
                 }
             });
         let mut out = vec![0f32; m * self.n_padded];
-        let strips = self.n_padded / STRIP;
-        let strip_len = self.pairs * STRIP * 2;
-        let pairs = self.pairs;
-        // Each task owns a column strip of a block of rows of `out`; within it, `k` goes by in
-        // passes whose weights stay in L1 while the block's rows are walked.
-        let out_ptr = DisjointWrites::new(&mut out);
-        (0..m.div_ceil(BLOCK_ROWS) * strips)
-            .into_par_iter()
-            .for_each(|task| {
-                let (block, s) = (task / strips, task % strips);
-                let strip = &self.data[s * strip_len..][..strip_len];
-                let block_rows = block * BLOCK_ROWS..m.min((block + 1) * BLOCK_ROWS);
-                for start in (0..pairs).step_by(PASS_PAIRS) {
-                    let pass = start..pairs.min(start + PASS_PAIRS);
-                    let b = &strip[start * STRIP * 2..pass.end * STRIP * 2];
-                    for first in block_rows.clone().step_by(ROWS) {
-                        let rows = ROWS.min(block_rows.end - first);
-                        // SAFETY: `available()` was checked above; the task writes only
-                        // columns s*32..s*32+32 of rows first..first+rows, inside `out`.
-                        unsafe {
-                            #[cfg(target_arch = "x86_64")]
-                            x86::strip_kernel(
-                                &a[first * pairs..(first + rows) * pairs],
-                                rows,
-                                pairs,
-                                pass.clone(),
-                                b,
-                                out_ptr.at(first * self.n_padded + s * STRIP),
-                                self.n_padded,
-                            );
-                        }
-                    }
-                }
-            });
-        if self.n_padded != self.n {
-            let n = self.n;
-            for r in 0..m {
-                out.copy_within(r * self.n_padded..r * self.n_padded + n, r * n);
-            }
-            out.truncate(m * n);
-        }
-        out
+        let stride = self.n_padded;
+        let strip_len = pairs * STRIP * 2;
+        for_each_tile(&mut out, m, stride, pairs, PASS_PAIRS, |tile, at| {
+            let strip = &self.data[tile.strip * strip_len..][..strip_len];
+            let b = &strip[tile.pass.start * STRIP * 2..tile.pass.end * STRIP * 2];
+            let inputs = &a[tile.first * pairs..(tile.first + tile.rows) * pairs];
+            // SAFETY: `available()` was checked above; `at` is valid for the tile's rows of 32
+            // (see `for_each_tile`).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::strip_kernel(
+                    inputs,
+                    tile.rows,
+                    pairs,
+                    tile.pass,
+                    b,
+                    at,
+                    stride,
+                    tile.accumulate,
+                )
+            };
+        });
+        unpad(out, m, self.n, self.n_padded)
     }
 }
 
@@ -155,7 +150,41 @@ impl PackedBf16 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{LANES, ROWS};
+    use super::super::packed::{LANES, ROWS};
+    use super::to_bf16;
+
+    /// Rounds a row of float32 to bfloat16 pairs (`vcvtne2ps2bf16`: to nearest even, as
+    /// [`to_bf16`]), one u32 per pair of consecutive values; an odd last value pairs with 0.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn round_pairs(row: &[f32], pairs: &mut [u32]) {
+        assert_eq!(
+            pairs.len(),
+            row.len().div_ceil(2),
+            "pairs for a row of {}",
+            row.len()
+        );
+        let whole = row.len() / 32;
+        for i in 0..whole {
+            // SAFETY: values 32i..32i+32 of `row` and pairs 16i..16i+16 of `pairs` exist.
+            unsafe {
+                let lo = _mm512_loadu_ps(row.as_ptr().add(32 * i));
+                let hi = _mm512_loadu_ps(row.as_ptr().add(32 * i + 16));
+                let both = _mm512_cvtne2ps_pbh(hi, lo);
+                _mm512_storeu_si512(
+                    pairs.as_mut_ptr().add(16 * i) as *mut _,
+                    std::mem::transmute::<__m512bh, __m512i>(both),
+                );
+            }
+        }
+        for (p, d) in pairs.iter_mut().enumerate().skip(16 * whole) {
+            let lo = to_bf16(row[2 * p]) as u32;
+            let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);
+            *d = lo | (hi << 16);
+        }
+    }
 
     /// Pairs `pass` of `rows` (at most 8) rows of `a` (`pairs` per row) times the same pairs of
     /// one 32-column strip (`b`, starting at the pass), written to `out` (row stride `stride`)
@@ -164,6 +193,7 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512 BF16; `out` must be valid for `rows` rows of 32.
     #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn strip_kernel(
         a: &[u32],
         rows: usize,
@@ -172,9 +202,10 @@ mod x86 {
         b: &[u16],
         out: *mut f32,
         stride: usize,
+        accumulate: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
-        if pass.start > 0 {
+        if accumulate {
             for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                 // SAFETY: the caller guarantees 32 valid floats at each of the `rows` rows.
                 unsafe {
@@ -228,6 +259,33 @@ mod tests {
     }
 
     #[test]
+    fn vector_rounding_matches_the_scalar_rounding() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        // 71 values: two whole vectors of pairs, then a tail with an odd last value; ties
+        // (1 + 2^-8, 1 + 3 * 2^-8) among them.
+        let row: Vec<f32> = (0..71)
+            .map(|i| match i % 5 {
+                0 => 1.0 + 1.0 / 256.0,
+                1 => -(1.0 + 3.0 / 256.0),
+                _ => (i as f32 * 0.731).sin() * 1e3,
+            })
+            .collect();
+        let mut got = vec![0u32; 36];
+        // SAFETY: `available()` was checked above.
+        unsafe { x86::round_pairs(&row, &mut got) };
+        let want: Vec<u32> = (0..36)
+            .map(|p| {
+                let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);
+                to_bf16(row[2 * p]) as u32 | (hi << 16)
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn bf16_matmul_is_close_to_f32() {
         if !available() {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
@@ -247,7 +305,10 @@ mod tests {
             let w: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 53) % 23) as f32 / 11.0 - 1.0)
                 .collect();
-            let got = PackedBf16::pack(&w, k, n).matmul(&x, m);
+            let packed = PackedBf16::pack(&w, k, n);
+            let rounded: Vec<f32> = w.iter().map(|&v| from_bf16(to_bf16(v))).collect();
+            assert_eq!(packed.unpack(), rounded);
+            let got = packed.matmul(&x, m);
             let want = super::super::matmul(&x, m, k, &w, n);
             assert_eq!(got.len(), want.len());
             let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1.0);

@@ -13,6 +13,7 @@ pub mod attention;
 pub mod bf16;
 pub mod dense;
 pub mod math;
+pub mod packed;
 pub mod rotary;
 
 use candle_core::{DType, Device, Tensor};
@@ -23,6 +24,7 @@ pub use dense::{
     bias_activation, bias_residual_layer_norm, gated_activation, layer_norm_columns,
     low_rank_update, matmul,
 };
+pub use packed::PackedF32;
 pub use rotary::{rotary, RotaryTable};
 
 /// Defines a function whose body is compiled for AVX-512 and AVX2 as well as the baseline, and
