@@ -412,7 +412,7 @@ impl FeedForward {
                 layer_norm,
                 activation,
             } => {
-                let i = intermediate.weight().dim(0)?;
+                let i = intermediate.out_features()?;
                 let mut inner = intermediate.forward_host_adapted(x, rows, spans)?;
                 kernels::bias_activation(
                     &mut inner,
@@ -725,7 +725,7 @@ impl BertModel {
             candle_core::bail!("bf16 needs a CPU with AVX-512 BF16 (avx512_bf16); use f32")
         }
         for layer in &mut self.layers {
-            if !kernels::on_cpu_f32(layer.attention.qkv.weight()) {
+            if !layer.attention.qkv.on_host() {
                 candle_core::bail!("bf16 on the fused path needs a float32 model on the CPU")
             }
             layer.attention.qkv.use_bf16()?;
@@ -776,7 +776,10 @@ impl BertModel {
 impl Encoder for BertModel {
     fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor> {
         if kernels::on_cpu_f32(&batch.attention_mask) && self.dtype == DType::F32 {
-            self.forward_fused(batch)
+            // On a pool worker, the kernels' parallel loops hand work to the other workers
+            // directly; called from outside the pool, each of them would wait on a cross-thread
+            // wake-up of its own (a few hundred per forward pass at batch 1).
+            rayon::scope(|_| self.forward_fused(batch))
         } else {
             self.forward_unfused(batch)
         }

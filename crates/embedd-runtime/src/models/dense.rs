@@ -4,29 +4,45 @@ use candle_core::{Module, Tensor};
 use candle_nn::Linear;
 
 use super::lora::{AdapterSpan, LinearLora};
-use crate::kernels::{self, HostSlice, PackedBf16};
+use crate::kernels::{self, HostSlice, PackedBf16, PackedF32};
+
+/// Where a Dense layer's weight lives. Each layer holds one form only: a packed copy beside the
+/// candle tensor would double the model's resident memory.
+enum Weight {
+    /// candle's `[out, in]` weight: GPUs, and float32 CPUs without AVX-512, where it is stored
+    /// transposed in memory (the same tensor to candle) so gemm reads it in place instead of
+    /// repacking it on every call.
+    Candle(Tensor),
+    /// Packed into column strips for the fused float32 kernel (CPUs with AVX-512).
+    F32(PackedF32),
+    /// Rounded to bfloat16 and packed, when the model runs in reduced precision.
+    Bf16(PackedBf16),
+}
 
 pub struct Dense {
-    /// On the CPU in float32 the weight is stored transposed in memory (the same tensor to
-    /// candle), so gemm reads it in place instead of repacking it on every call.
-    linear: Linear,
-    /// The weight rounded to bfloat16 and packed, when the model runs in reduced precision.
-    bf16: Option<PackedBf16>,
+    weight: Weight,
+    bias: Option<Tensor>,
     /// Per-task low-rank updates (jina-embeddings-v3), applied on top of the base product.
     lora: Option<LinearLora>,
 }
 
 impl Dense {
     pub fn new(linear: Linear) -> candle_core::Result<Self> {
-        let linear = if kernels::on_cpu_f32(linear.weight()) {
-            let weight = linear.weight().t()?.contiguous()?.t()?;
-            Linear::new(weight, linear.bias().cloned())
+        let bias = linear.bias().cloned();
+        let weight = linear.weight();
+        let weight = if !kernels::on_cpu_f32(weight) {
+            Weight::Candle(weight.clone())
+        } else if PackedF32::available() {
+            let (n, k) = weight.dims2()?;
+            let transposed = weight.t()?.contiguous()?;
+            let host = HostSlice::of(&transposed)?;
+            Weight::F32(PackedF32::pack(&host, k, n))
         } else {
-            linear
+            Weight::Candle(weight.t()?.contiguous()?.t()?)
         };
         Ok(Self {
-            linear,
-            bf16: None,
+            weight,
+            bias,
             lora: None,
         })
     }
@@ -36,13 +52,44 @@ impl Dense {
         self
     }
 
+    pub fn out_features(&self) -> candle_core::Result<usize> {
+        match &self.weight {
+            Weight::Candle(w) => w.dim(0),
+            Weight::F32(p) => Ok(p.n()),
+            Weight::Bf16(p) => Ok(p.n()),
+        }
+    }
+
+    /// Whether the layer runs on the fused CPU path (float32 in host memory).
+    pub fn on_host(&self) -> bool {
+        match &self.weight {
+            Weight::Candle(w) => kernels::on_cpu_f32(w),
+            Weight::F32(_) | Weight::Bf16(_) => true,
+        }
+    }
+
+    /// The weight as candle's `[out, in]` tensor. Packed layers rebuild it: only the candle
+    /// path on a host model (the reference the fused path is tested against) needs that.
+    fn candle_weight(&self) -> candle_core::Result<Tensor> {
+        let (k, n, transposed) = match &self.weight {
+            Weight::Candle(w) => return Ok(w.clone()),
+            Weight::F32(p) => (p.k(), p.n(), p.unpack()),
+            Weight::Bf16(p) => (p.k(), p.n(), p.unpack()),
+        };
+        Tensor::from_vec(transposed, (k, n), &candle_core::Device::Cpu)?.t()
+    }
+
+    fn linear(&self) -> candle_core::Result<Linear> {
+        Ok(Linear::new(self.candle_weight()?, self.bias.clone()))
+    }
+
     /// `x · Wᵀ + b`, each batch row with its task adapter's update (`[batch, seq, in]` input).
     pub fn forward_adapted(
         &self,
         x: &Tensor,
         adapters: &[Option<usize>],
     ) -> candle_core::Result<Tensor> {
-        let out = self.linear.forward(x)?;
+        let out = self.linear()?.forward(x)?;
         match &self.lora {
             Some(lora) => lora.add(x, out, adapters),
             None => Ok(out),
@@ -63,38 +110,44 @@ impl Dense {
         Ok(out)
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.linear.weight()
-    }
-
     /// Packs the weight for the bfloat16 kernel (CPU float32 models only).
     pub fn use_bf16(&mut self) -> candle_core::Result<()> {
-        let (n, k) = self.weight().dims2()?;
-        let transposed = self.weight().t()?;
-        let packed = PackedBf16::pack(&HostSlice::of(&transposed)?, k, n);
-        self.bf16 = Some(packed);
+        let packed = match &self.weight {
+            Weight::Bf16(_) => return Ok(()),
+            Weight::F32(p) => PackedBf16::pack(&p.unpack(), p.k(), p.n()),
+            Weight::Candle(w) => {
+                let (n, k) = w.dims2()?;
+                let transposed = w.t()?;
+                let host = HostSlice::of(&transposed)?;
+                PackedBf16::pack(&host, k, n)
+            }
+        };
+        self.weight = Weight::Bf16(packed);
         Ok(())
     }
 
     /// `x · Wᵀ` on the fused path (`x` is `rows x in_features`); the bias is left to the pass
     /// that follows.
     pub fn forward_host(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
-        if let Some(packed) = &self.bf16 {
-            return Ok(packed.matmul(x, rows));
+        match &self.weight {
+            Weight::F32(packed) => Ok(packed.matmul(x, rows)),
+            Weight::Bf16(packed) => Ok(packed.matmul(x, rows)),
+            Weight::Candle(w) => {
+                let (n, k) = w.dims2()?;
+                let transposed = w.t()?;
+                let weight = HostSlice::of(&transposed)?;
+                Ok(kernels::matmul(x, rows, k, &weight, n))
+            }
         }
-        let (n, k) = self.weight().dims2()?;
-        let transposed = self.weight().t()?;
-        let weight = HostSlice::of(&transposed)?;
-        Ok(kernels::matmul(x, rows, k, &weight, n))
     }
 
     pub fn host_bias(&self) -> candle_core::Result<Option<HostSlice<'_>>> {
-        self.linear.bias().map(HostSlice::of).transpose()
+        self.bias.as_ref().map(HostSlice::of).transpose()
     }
 }
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear.forward(x)
+        self.linear()?.forward(x)
     }
 }
