@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::packed::{for_each_tile, unpad, LANES, STRIP};
+use super::packed::{tiled_product, unpad, Tile, LANES, STRIP};
 use super::rows_per_task;
 
 /// Pairs of `k` per pass: one pass's weights for a strip (192 pairs x 32 columns, 24 KiB) stay in
@@ -119,15 +119,14 @@ impl PackedBf16 {
                     };
                 }
             });
-        let mut out = vec![0f32; m * self.n_padded];
         let stride = self.n_padded;
         let strip_len = pairs * STRIP * 2;
-        for_each_tile(&mut out, m, stride, pairs, PASS_PAIRS, |tile, at| {
+        let kernel = |tile: Tile, at: *mut f32| {
             let strip = &self.data[tile.strip * strip_len..][..strip_len];
             let b = &strip[tile.pass.start * STRIP * 2..tile.pass.end * STRIP * 2];
             let inputs = &a[tile.first * pairs..(tile.first + tile.rows) * pairs];
             // SAFETY: `available()` was checked above; `at` is valid for the tile's rows of 32
-            // (see `for_each_tile`).
+            // (see `tiled_product`).
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 x86::strip_kernel(
@@ -141,7 +140,9 @@ impl PackedBf16 {
                     tile.accumulate,
                 )
             };
-        });
+        };
+        // SAFETY: the kernel writes its whole tile on a first pass.
+        let out = unsafe { tiled_product(m, stride, pairs, PASS_PAIRS, kernel) };
         unpad(out, m, self.n, self.n_padded)
     }
 }
@@ -150,7 +151,7 @@ impl PackedBf16 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::packed::{LANES, ROWS};
+    use super::super::packed::{with_row_count, LANES};
     use super::to_bf16;
 
     /// Rounds a row of float32 to bfloat16 pairs (`vcvtne2ps2bf16`: to nearest even, as
@@ -204,39 +205,53 @@ mod x86 {
         stride: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        // SAFETY: forwarded from the caller.
+        unsafe { with_row_count!(rows, strip_rows(a, pairs, pass, b, out, stride, accumulate)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn strip_rows<const R: usize>(
+        a: &[u32],
+        pairs: usize,
+        pass: std::ops::Range<usize>,
+        b: &[u16],
+        out: *mut f32,
+        stride: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if accumulate {
-            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                // SAFETY: the caller guarantees 32 valid floats at each of the `rows` rows.
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller guarantees 32 valid floats at each of the R rows.
                 unsafe {
                     acc[0] = _mm512_loadu_ps(out.add(r * stride));
                     acc[1] = _mm512_loadu_ps(out.add(r * stride + LANES));
                 }
             }
         }
-        assert!(b.len() >= pass.len() * 4 * LANES && a.len() >= rows * pairs);
+        assert!(b.len() >= pass.len() * 4 * LANES && a.len() >= R * pairs && pass.end <= pairs);
         let bp = b.as_ptr();
+        let ap = a.as_ptr();
         for (i, p) in pass.enumerate() {
-            // SAFETY: b holds the pass's pairs, each 2 vectors x 16 lanes x 2 values (asserted).
-            let (b0, b1) = unsafe {
-                (
-                    _mm512_loadu_si512(bp.add(i * 4 * LANES) as *const _),
-                    _mm512_loadu_si512(bp.add(i * 4 * LANES + 2 * LANES) as *const _),
-                )
-            };
-            let (b0, b1): (__m512bh, __m512bh) = (
-                std::mem::transmute::<__m512i, __m512bh>(b0),
-                std::mem::transmute::<__m512i, __m512bh>(b1),
-            );
-            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                let pair = _mm512_set1_epi32(a[r * pairs + p] as i32);
-                let pair = std::mem::transmute::<__m512i, __m512bh>(pair);
-                acc[0] = _mm512_dpbf16_ps(acc[0], pair, b0);
-                acc[1] = _mm512_dpbf16_ps(acc[1], pair, b1);
+            // SAFETY: b holds the pass's pairs, each 2 vectors x 16 lanes x 2 values, and a
+            // holds R rows of `pairs` (asserted).
+            unsafe {
+                let b0: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    bp.add(i * 4 * LANES) as *const _,
+                ));
+                let b1: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    bp.add(i * 4 * LANES + 2 * LANES) as *const _,
+                ));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pair = _mm512_set1_epi32(*ap.add(r * pairs + p) as i32);
+                    let pair = std::mem::transmute::<__m512i, __m512bh>(pair);
+                    acc[0] = _mm512_dpbf16_ps(acc[0], pair, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], pair, b1);
+                }
             }
         }
-        for (r, acc) in acc.iter().enumerate().take(rows) {
-            // SAFETY: the caller guarantees 32 writable floats at each of the `rows` rows.
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: the caller guarantees 32 writable floats at each of the R rows.
             unsafe {
                 _mm512_storeu_ps(out.add(r * stride), acc[0]);
                 _mm512_storeu_ps(out.add(r * stride + LANES), acc[1]);
@@ -291,13 +306,17 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
-        // The last two span several row blocks and several passes over k.
+        // 70 and 130 rows span several row blocks and several passes over k; together the row
+        // counts leave every tail length (1 to 7 rows) for the micro-kernel.
         for (m, k, n) in [
             (1, 7, 5),
             (13, 64, 40),
             (9, 384, 96),
             (70, 801, 40),
             (130, 1536, 64),
+            (3, 40, 33),
+            (4, 48, 64),
+            (7, 17, 70),
         ] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37) % 19) as f32 / 9.0 - 1.0)

@@ -121,6 +121,11 @@ impl DisjointWrites {
         Self(buffer.as_mut_ptr())
     }
 
+    /// Over memory not yet written, which the tasks fill before anything reads it.
+    pub(crate) fn uninit(buffer: &mut [std::mem::MaybeUninit<f32>]) -> Self {
+        Self(buffer.as_mut_ptr().cast())
+    }
+
     /// # Safety
     /// `offset` must be inside the buffer, and what is written there must belong to the caller's
     /// task alone.
