@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::packed::with_row_count;
 use super::packed::{tiled_product, unpad, Tile, LANES, STRIP};
 use super::rows_per_task;
 
@@ -129,15 +131,9 @@ impl PackedBf16 {
             // (see `tiled_product`).
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                x86::strip_kernel(
-                    inputs,
+                with_row_count!(
                     tile.rows,
-                    pairs,
-                    tile.pass,
-                    b,
-                    at,
-                    stride,
-                    tile.accumulate,
+                    x86::strip_kernel(inputs, pairs, tile.pass, b, at, stride, tile.accumulate)
                 )
             };
         };
@@ -151,7 +147,8 @@ impl PackedBf16 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::packed::{with_row_count, LANES};
+    use super::super::packed::x86::{start_sums, store_sums};
+    use super::super::packed::LANES;
     use super::to_bf16;
 
     /// Rounds a row of float32 to bfloat16 pairs (`vcvtne2ps2bf16`: to nearest even, as
@@ -187,30 +184,14 @@ mod x86 {
         }
     }
 
-    /// Pairs `pass` of `rows` (at most 8) rows of `a` (`pairs` per row) times the same pairs of
-    /// one 32-column strip (`b`, starting at the pass), written to `out` (row stride `stride`)
-    /// by the first pass and added to it by the later ones.
+    /// Pairs `pass` of R rows of `a` (`pairs` per row) times the same pairs of one 32-column
+    /// strip (`b`, starting at the pass), written to `out` (row stride `stride`) by the first
+    /// pass and added to it by the later ones.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F and AVX-512 BF16; `out` must be valid for `rows` rows of 32.
+    /// The CPU must have AVX-512F and AVX-512 BF16; `out` must be valid for R rows of 32.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn strip_kernel(
-        a: &[u32],
-        rows: usize,
-        pairs: usize,
-        pass: std::ops::Range<usize>,
-        b: &[u16],
-        out: *mut f32,
-        stride: usize,
-        accumulate: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { with_row_count!(rows, strip_rows(a, pairs, pass, b, out, stride, accumulate)) }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn strip_rows<const R: usize>(
+    pub unsafe fn strip_kernel<const R: usize>(
         a: &[u32],
         pairs: usize,
         pass: std::ops::Range<usize>,
@@ -219,19 +200,10 @@ mod x86 {
         stride: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        if accumulate {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: the caller guarantees 32 valid floats at each of the R rows.
-                unsafe {
-                    acc[0] = _mm512_loadu_ps(out.add(r * stride));
-                    acc[1] = _mm512_loadu_ps(out.add(r * stride + LANES));
-                }
-            }
-        }
         assert!(b.len() >= pass.len() * 4 * LANES && a.len() >= R * pairs && pass.end <= pairs);
-        let bp = b.as_ptr();
-        let ap = a.as_ptr();
+        // SAFETY: per the caller.
+        let mut sums = unsafe { start_sums::<R>(out, stride, accumulate) };
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
         for (i, p) in pass.enumerate() {
             // SAFETY: b holds the pass's pairs, each 2 vectors x 16 lanes x 2 values, and a
             // holds R rows of `pairs` (asserted).
@@ -242,26 +214,22 @@ mod x86 {
                 let b1: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
                     bp.add(i * 4 * LANES + 2 * LANES) as *const _,
                 ));
-                for (r, acc) in acc.iter_mut().enumerate() {
+                for (r, row) in sums.iter_mut().enumerate() {
                     let pair = _mm512_set1_epi32(*ap.add(r * pairs + p) as i32);
                     let pair = std::mem::transmute::<__m512i, __m512bh>(pair);
-                    acc[0] = _mm512_dpbf16_ps(acc[0], pair, b0);
-                    acc[1] = _mm512_dpbf16_ps(acc[1], pair, b1);
+                    row[0] = _mm512_dpbf16_ps(row[0], pair, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], pair, b1);
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: the caller guarantees 32 writable floats at each of the R rows.
-            unsafe {
-                _mm512_storeu_ps(out.add(r * stride), acc[0]);
-                _mm512_storeu_ps(out.add(r * stride + LANES), acc[1]);
-            }
-        }
+        // SAFETY: per the caller.
+        unsafe { store_sums(&sums, out, stride) };
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::packed::{test_products, TestProduct};
     use super::*;
 
     #[test]
@@ -306,24 +274,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
-        // 70 and 130 rows span several row blocks and several passes over k; together the row
-        // counts leave every tail length (1 to 7 rows) for the micro-kernel.
-        for (m, k, n) in [
-            (1, 7, 5),
-            (13, 64, 40),
-            (9, 384, 96),
-            (70, 801, 40),
-            (130, 1536, 64),
-            (3, 40, 33),
-            (4, 48, 64),
-            (7, 17, 70),
-        ] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 37) % 19) as f32 / 9.0 - 1.0)
-                .collect();
-            let w: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 53) % 23) as f32 / 11.0 - 1.0)
-                .collect();
+        for TestProduct { m, k, n, x, w } in test_products() {
             let packed = PackedBf16::pack(&w, k, n);
             let rounded: Vec<f32> = w.iter().map(|&v| from_bf16(to_bf16(v))).collect();
             assert_eq!(packed.unpack(), rounded);

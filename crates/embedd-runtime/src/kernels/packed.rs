@@ -100,6 +100,28 @@ pub(crate) fn unpad(mut out: Vec<f32>, m: usize, n: usize, n_padded: usize) -> V
     out
 }
 
+/// Calls `kernel::<R>(args)` with a tile's row count (1 to [`ROWS`]) as the constant `R`: a
+/// micro-kernel that knows it at compile time unrolls its row loop with no test per row (those
+/// tests were a third of the bfloat16 kernel's instructions).
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_row_count {
+    ($rows:expr, $($kernel:ident)::+($($arg:expr),* $(,)?)) => {
+        match $rows {
+            8 => $($kernel)::+::<8>($($arg),*),
+            7 => $($kernel)::+::<7>($($arg),*),
+            6 => $($kernel)::+::<6>($($arg),*),
+            5 => $($kernel)::+::<5>($($arg),*),
+            4 => $($kernel)::+::<4>($($arg),*),
+            3 => $($kernel)::+::<3>($($arg),*),
+            2 => $($kernel)::+::<2>($($arg),*),
+            1 => $($kernel)::+::<1>($($arg),*),
+            rows => panic!("a tile has 1 to 8 rows, not {rows}"),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use with_row_count;
+
 /// Steps of `k` per pass of the float32 kernel: a strip's weights for a pass (192 x 32 floats,
 /// 24 KiB) stay in L1.
 const F32_PASS: usize = 192;
@@ -186,15 +208,9 @@ impl PackedF32 {
             // (see `tiled_product`).
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                x86::strip_kernel(
-                    inputs,
+                with_row_count!(
                     tile.rows,
-                    k,
-                    tile.pass,
-                    weights,
-                    at,
-                    stride,
-                    tile.accumulate,
+                    x86::strip_kernel(inputs, k, tile.pass, weights, at, stride, tile.accumulate)
                 )
             };
         };
@@ -204,77 +220,73 @@ impl PackedF32 {
     }
 }
 
-/// Calls `kernel::<R>(args)` with a tile's row count (1 to [`ROWS`]) as the constant `R`: a
-/// micro-kernel that knows it at compile time unrolls its row loop with no test per row (those
-/// tests were a third of the bfloat16 kernel's instructions).
 #[cfg(target_arch = "x86_64")]
-macro_rules! with_row_count {
-    ($rows:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
-        match $rows {
-            8 => $kernel::<8>($($arg),*),
-            7 => $kernel::<7>($($arg),*),
-            6 => $kernel::<6>($($arg),*),
-            5 => $kernel::<5>($($arg),*),
-            4 => $kernel::<4>($($arg),*),
-            3 => $kernel::<3>($($arg),*),
-            2 => $kernel::<2>($($arg),*),
-            1 => $kernel::<1>($($arg),*),
-            rows => panic!("a tile has 1 to 8 rows, not {rows}"),
-        }
-    };
-}
-#[cfg(target_arch = "x86_64")]
-pub(crate) use with_row_count;
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{LANES, STRIP};
 
-    /// Steps `pass` of `k` for `rows` (at most 8) rows of `x` (`k` per row) times the same steps
-    /// of one strip (`w`, starting at the pass), written to `out` (row stride `stride`), or
-    /// added to it where `accumulate`.
+    /// A tile's sums: per row, its 32 columns in two registers.
+    pub type Sums<const R: usize> = [[__m512; 2]; R];
+
+    /// The sums a pass starts from: zeros on a tile's first pass, what the earlier ones wrote
+    /// otherwise.
     ///
     /// # Safety
-    /// AVX-512F; `out` must be valid for `rows` rows of 32.
+    /// AVX-512F; with `accumulate`, `out` must be valid for R rows of 32 (row stride `stride`).
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn strip_kernel(
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        pass: std::ops::Range<usize>,
-        w: &[f32],
-        out: *mut f32,
+    #[inline]
+    pub unsafe fn start_sums<const R: usize>(
+        out: *const f32,
         stride: usize,
         accumulate: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { super::with_row_count!(rows, strip_rows(x, k, pass, w, out, stride, accumulate)) }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn strip_rows<const R: usize>(
-        x: &[f32],
-        k: usize,
-        pass: std::ops::Range<usize>,
-        w: &[f32],
-        out: *mut f32,
-        stride: usize,
-        accumulate: bool,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    ) -> Sums<R> {
+        let mut sums = [[_mm512_setzero_ps(); 2]; R];
         if accumulate {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: the caller guarantees 32 valid floats at each of the R rows.
+            for (r, row) in sums.iter_mut().enumerate() {
+                // SAFETY: per the caller.
                 unsafe {
-                    acc[0] = _mm512_loadu_ps(out.add(r * stride));
-                    acc[1] = _mm512_loadu_ps(out.add(r * stride + LANES));
+                    row[0] = _mm512_loadu_ps(out.add(r * stride));
+                    row[1] = _mm512_loadu_ps(out.add(r * stride + LANES));
                 }
             }
         }
+        sums
+    }
+
+    /// # Safety
+    /// AVX-512F; `out` must be valid for R rows of 32 (row stride `stride`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn store_sums<const R: usize>(sums: &Sums<R>, out: *mut f32, stride: usize) {
+        for (r, row) in sums.iter().enumerate() {
+            // SAFETY: per the caller.
+            unsafe {
+                _mm512_storeu_ps(out.add(r * stride), row[0]);
+                _mm512_storeu_ps(out.add(r * stride + LANES), row[1]);
+            }
+        }
+    }
+
+    /// Steps `pass` of `k` for R rows of `x` (`k` per row) times the same steps of one strip
+    /// (`w`, starting at the pass), written to `out` (row stride `stride`), or added to it where
+    /// `accumulate`.
+    ///
+    /// # Safety
+    /// AVX-512F; `out` must be valid for R rows of 32.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn strip_kernel<const R: usize>(
+        x: &[f32],
+        k: usize,
+        pass: std::ops::Range<usize>,
+        w: &[f32],
+        out: *mut f32,
+        stride: usize,
+        accumulate: bool,
+    ) {
         assert!(w.len() >= pass.len() * STRIP && x.len() >= R * k && pass.end <= k);
+        // SAFETY: per the caller.
+        let mut sums = unsafe { start_sums::<R>(out, stride, accumulate) };
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         for (i, t) in pass.enumerate() {
             // SAFETY: w holds the pass's steps, 32 floats each, and x holds R rows of k
@@ -282,21 +294,56 @@ mod x86 {
             unsafe {
                 let b0 = _mm512_loadu_ps(wp.add(i * STRIP));
                 let b1 = _mm512_loadu_ps(wp.add(i * STRIP + LANES));
-                for (r, acc) in acc.iter_mut().enumerate() {
+                for (r, row) in sums.iter_mut().enumerate() {
                     let a = _mm512_set1_ps(*xp.add(r * k + t));
-                    acc[0] = _mm512_fmadd_ps(a, b0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(a, b1, acc[1]);
+                    row[0] = _mm512_fmadd_ps(a, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(a, b1, row[1]);
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: the caller guarantees 32 writable floats at each of the R rows.
-            unsafe {
-                _mm512_storeu_ps(out.add(r * stride), acc[0]);
-                _mm512_storeu_ps(out.add(r * stride + LANES), acc[1]);
-            }
-        }
+        // SAFETY: per the caller.
+        unsafe { store_sums(&sums, out, stride) };
     }
+}
+
+/// A product for the kernels' tests: `x` (`m x k`) times `w` (`k x n`).
+#[cfg(test)]
+pub(crate) struct TestProduct {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub x: Vec<f32>,
+    pub w: Vec<f32>,
+}
+
+/// The products the kernels' tests run: ragged strips, several row blocks and several passes
+/// over k (70 and 130 rows), and row counts that together leave every tail length (1 to 7 rows)
+/// for the micro-kernels.
+#[cfg(test)]
+pub(crate) fn test_products() -> Vec<TestProduct> {
+    [
+        (1, 7, 5),
+        (13, 64, 40),
+        (9, 384, 96),
+        (70, 801, 40),
+        (130, 1536, 64),
+        (3, 40, 33),
+        (4, 48, 64),
+        (7, 17, 70),
+    ]
+    .into_iter()
+    .map(|(m, k, n)| TestProduct {
+        m,
+        k,
+        n,
+        x: (0..m * k)
+            .map(|i| ((i * 37) % 19) as f32 / 9.0 - 1.0)
+            .collect(),
+        w: (0..k * n)
+            .map(|i| ((i * 53) % 23) as f32 / 11.0 - 1.0)
+            .collect(),
+    })
+    .collect()
 }
 
 #[cfg(test)]
@@ -309,24 +356,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512");
             return;
         }
-        // Shapes with ragged strips, several row blocks and several passes over k; together the
-        // row counts leave every tail length (1 to 7 rows) for the micro-kernel.
-        for (m, k, n) in [
-            (1, 7, 5),
-            (13, 64, 40),
-            (9, 384, 96),
-            (70, 801, 40),
-            (130, 1536, 64),
-            (3, 40, 33),
-            (4, 48, 64),
-            (7, 17, 70),
-        ] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 37) % 19) as f32 / 9.0 - 1.0)
-                .collect();
-            let w: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 53) % 23) as f32 / 11.0 - 1.0)
-                .collect();
+        for TestProduct { m, k, n, x, w } in test_products() {
             let packed = PackedF32::pack(&w, k, n);
             assert_eq!(packed.unpack(), w);
             let got = packed.matmul(&x, m);
