@@ -151,3 +151,69 @@ impl Module for Dense {
         self.linear()?.forward(x)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn layer(weight: Weight, bias: &Tensor) -> Dense {
+        Dense {
+            weight,
+            bias: Some(bias.clone()),
+            lora: None,
+        }
+    }
+
+    /// Every form a weight can take gives the product candle's Linear gives: the packed kernel
+    /// (AVX-512 CPUs), the bfloat16 kernel, and gemm on the transposed weight, the float32 path
+    /// of CPUs without AVX-512, which this machine would otherwise never run.
+    #[test]
+    fn every_weight_form_computes_the_linear_product() -> candle_core::Result<()> {
+        let (rows, k, n) = (11, 48, 40);
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * seed) % 29) as f32 / 14.0 - 1.0)
+                .collect()
+        };
+        let weight = Tensor::from_vec(values(n * k, 31), (n, k), &Device::Cpu)?;
+        let bias = Tensor::from_vec(values(n, 7), n, &Device::Cpu)?;
+        let x = values(rows * k, 17);
+        let want = Linear::new(weight.clone(), Some(bias.clone()))
+            .forward(&Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu)?)?
+            .broadcast_sub(&bias)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+
+        let transposed = weight.t()?.contiguous()?.t()?;
+        let mut forms = vec![("gemm", layer(Weight::Candle(transposed), &bias))];
+        if PackedF32::available() {
+            forms.push(("packed f32", Dense::new(Linear::new(weight.clone(), None))?));
+            let mut bf16 = Dense::new(Linear::new(weight.clone(), None))?;
+            if kernels::bf16::available() {
+                bf16.use_bf16()?;
+                forms.push(("bf16", bf16));
+            }
+        }
+        for (name, dense) in &forms {
+            assert_eq!(dense.out_features()?, n, "{name}");
+            assert!(dense.on_host(), "{name}");
+            // The bias is left to the pass after the product.
+            let got = dense.forward_host(&x, rows)?;
+            let tolerance = if *name == "bf16" { 2e-2 } else { 1e-5 };
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= tolerance * w.abs().max(1.0),
+                    "{name}: {g} vs {w}"
+                );
+            }
+            // The candle path rebuilds the weight from whatever form holds it.
+            if *name != "bf16" {
+                let rebuilt = dense.candle_weight()?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(rebuilt, weight.flatten_all()?.to_vec1::<f32>()?, "{name}");
+            }
+        }
+        Ok(())
+    }
+}
