@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::packed::with_row_count;
-use super::packed::{tiled_product, unpad, Tile, LANES, STRIP};
+use super::packed::{padded_width, tiled_product, unpad, Tile, LANES, STRIP};
 use super::rows_per_task;
 
 /// Pairs of `k` per pass: one pass's weights for a strip (192 pairs x 32 columns, 24 KiB) stay in
@@ -54,10 +54,6 @@ pub fn available() -> bool {
 pub struct PackedBf16 {
     k: usize,
     n: usize,
-    /// `k` rounded up to pairs.
-    pairs: usize,
-    /// `n` rounded up to whole strips.
-    n_padded: usize,
     /// Per strip of 32 columns, per pair of `k`: two vectors of 16 lanes x 2 values.
     data: Vec<u16>,
 }
@@ -67,20 +63,13 @@ impl PackedBf16 {
     pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight is not {k} x {n}");
         let pairs = k.div_ceil(2);
-        let n_padded = n.div_ceil(STRIP) * STRIP;
-        let mut data = vec![0u16; n_padded * pairs * 2];
+        let mut data = vec![0u16; padded_width(n) * pairs * 2];
         for col in 0..n {
             for row in 0..k {
                 data[position(pairs, row, col)] = to_bf16(w[row * n + col]);
             }
         }
-        Self {
-            k,
-            n,
-            pairs,
-            n_padded,
-            data,
-        }
+        Self { k, n, data }
     }
 
     pub fn k(&self) -> usize {
@@ -91,13 +80,18 @@ impl PackedBf16 {
         self.n
     }
 
+    /// `k` rounded up to pairs.
+    fn pairs(&self) -> usize {
+        self.k.div_ceil(2)
+    }
+
     /// The rounded weight as float32 in its `k x n` row-major layout.
     pub fn unpack(&self) -> Vec<f32> {
-        let (k, n) = (self.k, self.n);
+        let (k, n, pairs) = (self.k, self.n, self.pairs());
         let mut w = vec![0f32; k * n];
         for col in 0..n {
             for row in 0..k {
-                w[row * n + col] = from_bf16(self.data[position(self.pairs, row, col)]);
+                w[row * n + col] = from_bf16(self.data[position(pairs, row, col)]);
             }
         }
         w
@@ -107,11 +101,12 @@ impl PackedBf16 {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "lhs is not {m} x {}", self.k);
         assert!(available(), "bfloat16 matmul on a CPU without AVX-512 BF16");
-        let pairs = self.pairs;
+        let pairs = self.pairs();
         // Inputs as bf16 pairs, one u32 per pair: the value a kernel broadcasts.
         let mut a = vec![0u32; m * pairs];
-        a.par_chunks_mut(pairs * rows_per_task(self.k))
-            .zip(x.par_chunks(self.k * rows_per_task(self.k)))
+        let task_rows = rows_per_task(self.k);
+        a.par_chunks_mut(pairs * task_rows)
+            .zip(x.par_chunks(self.k * task_rows))
             .for_each(|(dst, rows)| {
                 for (dst, row) in dst.chunks_exact_mut(pairs).zip(rows.chunks_exact(self.k)) {
                     // SAFETY: `available()` was checked above.
@@ -121,7 +116,7 @@ impl PackedBf16 {
                     };
                 }
             });
-        let stride = self.n_padded;
+        let stride = padded_width(self.n);
         let strip_len = pairs * STRIP * 2;
         let kernel = |tile: Tile, at: *mut f32| {
             let strip = &self.data[tile.strip * strip_len..][..strip_len];
@@ -139,7 +134,7 @@ impl PackedBf16 {
         };
         // SAFETY: the kernel writes its whole tile on a first pass.
         let out = unsafe { tiled_product(m, stride, pairs, PASS_PAIRS, kernel) };
-        unpad(out, m, self.n, self.n_padded)
+        unpad(out, m, self.n)
     }
 }
 

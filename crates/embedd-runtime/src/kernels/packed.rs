@@ -89,8 +89,14 @@ pub(crate) unsafe fn tiled_product(
     out
 }
 
-/// Drops the padding columns of an `m x n_padded` product, leaving `m x n`.
-pub(crate) fn unpad(mut out: Vec<f32>, m: usize, n: usize, n_padded: usize) -> Vec<f32> {
+/// `n` columns rounded up to whole strips: the row stride of a packed product.
+pub(crate) fn padded_width(n: usize) -> usize {
+    n.div_ceil(STRIP) * STRIP
+}
+
+/// Drops the padding columns of an `m x padded_width(n)` product, leaving `m x n`.
+pub(crate) fn unpad(mut out: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    let n_padded = padded_width(n);
     if n_padded != n {
         for r in 0..m {
             out.copy_within(r * n_padded..r * n_padded + n, r * n);
@@ -130,8 +136,6 @@ const F32_PASS: usize = 192;
 pub struct PackedF32 {
     k: usize,
     n: usize,
-    /// `n` rounded up to whole strips.
-    n_padded: usize,
     /// Per strip, per step of `k`: the strip's 32 weights.
     data: Vec<f32>,
 }
@@ -152,8 +156,7 @@ impl PackedF32 {
     /// Packs `w` (`k x n`, row-major).
     pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight is not {k} x {n}");
-        let n_padded = n.div_ceil(STRIP) * STRIP;
-        let mut data = vec![0f32; n_padded * k];
+        let mut data = vec![0f32; padded_width(n) * k];
         for (s, strip) in data.chunks_exact_mut(k * STRIP).enumerate() {
             let columns = s * STRIP..n.min((s + 1) * STRIP);
             for (t, dst) in strip.chunks_exact_mut(STRIP).enumerate() {
@@ -161,12 +164,7 @@ impl PackedF32 {
                     .copy_from_slice(&w[t * n + columns.start..t * n + columns.end]);
             }
         }
-        Self {
-            k,
-            n,
-            n_padded,
-            data,
-        }
+        Self { k, n, data }
     }
 
     pub fn k(&self) -> usize {
@@ -199,7 +197,7 @@ impl PackedF32 {
             Self::available(),
             "packed float32 matmul on a CPU without AVX-512"
         );
-        let stride = self.n_padded;
+        let stride = padded_width(self.n);
         let kernel = |tile: Tile, at: *mut f32| {
             let strip = &self.data[tile.strip * k * STRIP..][..k * STRIP];
             let weights = &strip[tile.pass.start * STRIP..tile.pass.end * STRIP];
@@ -216,7 +214,7 @@ impl PackedF32 {
         };
         // SAFETY: the kernel writes its whole tile on a first pass.
         let out = unsafe { tiled_product(m, stride, k, F32_PASS, kernel) };
-        unpad(out, m, self.n, self.n_padded)
+        unpad(out, m, self.n)
     }
 }
 

@@ -33,10 +33,7 @@ impl Dense {
         let weight = if !kernels::on_cpu_f32(weight) {
             Weight::Candle(weight.clone())
         } else if PackedF32::available() {
-            let (n, k) = weight.dims2()?;
-            let transposed = weight.t()?.contiguous()?;
-            let host = HostSlice::of(&transposed)?;
-            Weight::F32(PackedF32::pack(&host, k, n))
+            Weight::F32(with_transposed(weight, PackedF32::pack)?)
         } else {
             Weight::Candle(weight.t()?.contiguous()?.t()?)
         };
@@ -115,12 +112,7 @@ impl Dense {
         let packed = match &self.weight {
             Weight::Bf16(_) => return Ok(()),
             Weight::F32(p) => PackedBf16::pack(&p.unpack(), p.k(), p.n()),
-            Weight::Candle(w) => {
-                let (n, k) = w.dims2()?;
-                let transposed = w.t()?;
-                let host = HostSlice::of(&transposed)?;
-                PackedBf16::pack(&host, k, n)
-            }
+            Weight::Candle(w) => with_transposed(w, PackedBf16::pack)?,
         };
         self.weight = Weight::Bf16(packed);
         Ok(())
@@ -133,10 +125,7 @@ impl Dense {
             Weight::F32(packed) => Ok(packed.matmul(x, rows)),
             Weight::Bf16(packed) => Ok(packed.matmul(x, rows)),
             Weight::Candle(w) => {
-                let (n, k) = w.dims2()?;
-                let transposed = w.t()?;
-                let weight = HostSlice::of(&transposed)?;
-                Ok(kernels::matmul(x, rows, k, &weight, n))
+                with_transposed(w, |weight, k, n| kernels::matmul(x, rows, k, weight, n))
             }
         }
     }
@@ -144,6 +133,18 @@ impl Dense {
     pub fn host_bias(&self) -> candle_core::Result<Option<HostSlice<'_>>> {
         self.bias.as_ref().map(HostSlice::of).transpose()
     }
+}
+
+/// Calls `f` with a host float32 `[out, in]` weight as its `k x n` (`in x out`) row-major
+/// transpose. Free for the weights `Dense::new` keeps on the CPU, which are transposed in memory.
+fn with_transposed<T>(
+    weight: &Tensor,
+    f: impl FnOnce(&[f32], usize, usize) -> T,
+) -> candle_core::Result<T> {
+    let (n, k) = weight.dims2()?;
+    let transposed = weight.t()?.contiguous()?;
+    let host = HostSlice::of(&transposed)?;
+    Ok(f(&host, k, n))
 }
 
 impl Module for Dense {
