@@ -36,8 +36,8 @@ pub enum Precision {
     /// Float32 throughout: exact parity with float32 references.
     #[default]
     F32,
-    /// Dense layers in bfloat16 with float32 sums (CPUs with AVX-512 BF16); attention, softmax
-    /// and LayerNorm stay float32.
+    /// Dense layers and attention products in bfloat16 with float32 sums (CPUs with AVX-512
+    /// BF16); softmax and LayerNorm stay float32.
     Bf16,
 }
 

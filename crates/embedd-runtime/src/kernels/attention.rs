@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{math, simd_function, DisjointWrites};
+use super::{bf16, math, packed, simd_function, DisjointWrites};
 
 /// Sizes for [`attention`].
 #[derive(Debug, Clone, Copy)]
@@ -11,6 +11,17 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Multiplies `q · k` before the softmax (usually `1 / sqrt(head_dim)`).
     pub scale: f32,
+}
+
+/// The arithmetic of the two products, `q · kᵀ` and `softmax · v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionProducts {
+    /// float32 throughout: exact parity with float32 references.
+    F32,
+    /// q, k, v and the softmax rounded to bfloat16, float32 sums (AVX-512 BF16), as the dense
+    /// layers of the reduced-precision path. Runs as [`Self::F32`] on CPUs without it and for
+    /// head sizes that are not whole 32-column strips.
+    Bf16,
 }
 
 /// Query rows per score block: a block holds at most this many scores, so an 8192-token input
@@ -29,6 +40,7 @@ pub fn attention(
     keys: &[usize],
     shape: AttentionShape,
     alibi_slopes: Option<&[f32]>,
+    products: AttentionProducts,
 ) -> Vec<f32> {
     let h = shape.heads * shape.head_dim;
     let total = offsets.last().copied().unwrap_or(0);
@@ -36,23 +48,42 @@ pub fn attention(
     if let Some(s) = alibi_slopes {
         assert_eq!(s.len(), shape.heads, "one ALiBi slope per head");
     }
-    let mut out = vec![0f32; total * h];
-    let out_ptr = DisjointWrites::new(&mut out);
+    let bf16 = products == AttentionProducts::Bf16
+        && bf16::available()
+        && shape.head_dim.is_multiple_of(packed::STRIP);
+    // Not zeroed first: every task writes all of its rows' columns.
+    let mut out = Vec::with_capacity(total * h);
+    let out_ptr = DisjointWrites::uninit(out.spare_capacity_mut());
     let sequences = offsets.len().saturating_sub(1);
     assert_eq!(keys.len(), sequences, "one key count per sequence");
     (0..sequences * shape.heads)
         .into_par_iter()
-        .for_each_init(Vec::new, |scores, task| {
+        .for_each(|task| {
             let (seq, head) = (task / shape.heads, task % shape.heads);
             let rows = Rows {
                 first: offsets[seq],
                 len: offsets[seq + 1] - offsets[seq],
                 keys: keys[seq].min(offsets[seq + 1] - offsets[seq]),
             };
-            let slope = alibi_slopes.map(|s| s[head]);
-            // SAFETY: (seq, head) pairs are distinct per task, so their output blocks are too.
-            unsafe { attend_one(qkv, out_ptr, rows, head, h, shape, slope, scores) }
+            let one = Head {
+                index: head,
+                slope: alibi_slopes.map_or(0.0, |s| s[head]),
+                shape,
+            };
+            SCRATCH.with_borrow_mut(|scratch| {
+                // SAFETY: (seq, head) pairs are distinct per task, so their output blocks are too.
+                unsafe {
+                    if bf16 {
+                        attend_one_bf16(qkv, out_ptr, rows, one, scratch)
+                    } else {
+                        attend_one(qkv, out_ptr, rows, one, scratch)
+                    }
+                }
+                scratch.release_large();
+            })
         });
+    // SAFETY: the (sequence, head) tasks cover every row and column, and each wrote its block.
+    unsafe { out.set_len(total * h) };
     out
 }
 
@@ -65,26 +96,85 @@ struct Rows {
     keys: usize,
 }
 
+/// One head of the attention.
+#[derive(Clone, Copy)]
+struct Head {
+    index: usize,
+    /// Its ALiBi slope, 0 without ALiBi.
+    slope: f32,
+    shape: AttentionShape,
+}
+
+/// A worker's buffers. Grown, never cleared: each use overwrites what it reads.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    keys: bf16::StripOperand,
+    values: bf16::StripOperand,
+    lhs: Vec<u32>,
+}
+
+/// Bytes a buffer may keep between tasks: those of a 512-token sequence's scores. Longer inputs
+/// allocate theirs per task rather than hold up to [`BLOCK_SCORES`] per thread for good.
+const RETAINED_BYTES: usize = 512 * 512 * 4;
+
+impl Scratch {
+    fn release_large(&mut self) {
+        if self.scores.capacity() * 4 > RETAINED_BYTES {
+            self.scores = Vec::new();
+        }
+        if self.lhs.capacity() * 4 > RETAINED_BYTES {
+            self.lhs = Vec::new();
+        }
+        self.keys.release_over(RETAINED_BYTES);
+        self.values.release_over(RETAINED_BYTES);
+    }
+}
+
+thread_local! {
+    /// Kept across tasks and calls: buffers allocated per task made the allocator return pages
+    /// and fault them in again, ten times the page faults of a whole bf16 forward pass.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// The first `len` values of `buffer`, grown to hold them.
+fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+/// Writes zeros for a sequence that attends to nothing.
+///
+/// # Safety
+/// As [`attend_one`].
+unsafe fn attend_nothing(out: DisjointWrites, Rows { first, len, .. }: Rows, head: Head) {
+    let (d, h) = (head.shape.head_dim, head.shape.heads * head.shape.head_dim);
+    for r in first..first + len {
+        // SAFETY: this task's columns of row r (see the caller's contract).
+        unsafe { std::ptr::write_bytes(out.at(r * h + head.index * d), 0, d) };
+    }
+}
+
 /// # Safety
 /// `out` must be valid for `(first + len) * h` floats, and no other task may write rows
 /// `first..first + len`, columns of `head`.
-#[allow(clippy::too_many_arguments)]
 unsafe fn attend_one(
     qkv: &[f32],
     out: DisjointWrites,
-    Rows { first, len, keys }: Rows,
-    head: usize,
-    h: usize,
-    shape: AttentionShape,
-    slope: Option<f32>,
-    scores: &mut Vec<f32>,
+    rows @ Rows { first, len, keys }: Rows,
+    head: Head,
+    scratch: &mut Scratch,
 ) {
     if keys == 0 {
-        return;
+        // SAFETY: per the caller.
+        return unsafe { attend_nothing(out, rows, head) };
     }
-    let d = shape.head_dim;
+    let d = head.shape.head_dim;
+    let h = head.shape.heads * d;
     let row = 3 * h as isize;
-    let base = first * 3 * h + head * d;
+    let base = first * 3 * h + head.index * d;
     let (q, k, v) = (
         qkv[base..].as_ptr(),
         qkv[base + h..].as_ptr(),
@@ -93,10 +183,9 @@ unsafe fn attend_one(
     let block = (BLOCK_SCORES / keys).clamp(1, len);
     for start in (0..len).step_by(block) {
         let rows = block.min(len - start);
-        scores.clear();
-        scores.resize(rows * keys, 0.0);
+        let scores = grown(&mut scratch.scores, rows * keys);
         // SAFETY: q rows start..start+rows and all len k rows lie inside this sequence's block of
-        // qkv; scores holds rows x len.
+        // qkv; scores holds rows x keys.
         unsafe {
             gemm::gemm(
                 rows,
@@ -113,21 +202,21 @@ unsafe fn attend_one(
                 row,
                 1,
                 0.0,
-                shape.scale,
+                1.0,
                 false,
                 false,
                 false,
                 gemm::Parallelism::None,
             );
         }
-        softmax_rows(scores, keys, start, slope.unwrap_or(0.0));
+        softmax_rows(scores, keys, keys, start, head.shape.scale, head.slope);
         // SAFETY: the destination is this task's rows x head columns of `out` (row stride h).
         unsafe {
             gemm::gemm(
                 rows,
                 d,
                 keys,
-                out.at((first + start) * h + head * d),
+                out.at((first + start) * h + head.index * d),
                 1,
                 h as isize,
                 false,
@@ -148,16 +237,72 @@ unsafe fn attend_one(
     }
 }
 
+/// [`attend_one`] with bfloat16 products: keys and values packed once per (sequence, head),
+/// queries and softmax rows rounded per block.
+///
+/// # Safety
+/// As [`attend_one`]; the CPU must run [`bf16`] and `head_dim` be whole strips.
+unsafe fn attend_one_bf16(
+    qkv: &[f32],
+    out: DisjointWrites,
+    rows @ Rows { first, len, keys }: Rows,
+    head: Head,
+    scratch: &mut Scratch,
+) {
+    if keys == 0 {
+        // SAFETY: per the caller.
+        return unsafe { attend_nothing(out, rows, head) };
+    }
+    let d = head.shape.head_dim;
+    let h = head.shape.heads * d;
+    let base = first * 3 * h + head.index * d;
+    let sequence = &qkv[base..base + (len - 1) * 3 * h + 2 * h + d];
+    scratch.keys.pack_keys(&sequence[h..], 3 * h, keys, d);
+    scratch
+        .values
+        .pack_values(&sequence[2 * h..], 3 * h, keys, d);
+    // Score rows are whole strips wide; the padding columns are left out of the softmax.
+    let stride = packed::padded_width(keys);
+    let block = (BLOCK_SCORES / stride).clamp(1, len);
+    for start in (0..len).step_by(block) {
+        let rows = block.min(len - start);
+        bf16::round_rows(&sequence[start * 3 * h..], 3 * h, rows, d, &mut scratch.lhs);
+        let scores = grown(&mut scratch.scores, rows * stride);
+        // SAFETY: scores holds rows x stride, the keys' strips' width.
+        unsafe {
+            scratch
+                .keys
+                .product(&scratch.lhs, rows, scores.as_mut_ptr(), stride)
+        };
+        softmax_rows(scores, keys, stride, start, head.shape.scale, head.slope);
+        bf16::round_rows(scores, stride, rows, keys, &mut scratch.lhs);
+        // SAFETY: the destination is this task's rows x head columns of `out` (row stride h),
+        // d wide: the values' strips.
+        unsafe {
+            scratch.values.product(
+                &scratch.lhs,
+                rows,
+                out.at((first + start) * h + head.index * d),
+                h,
+            )
+        };
+    }
+}
+
 simd_function! {
-    /// Softmax of each row of `scores` (rows of `len`), the first being query `first_row`; with a
-    /// nonzero `slope` the ALiBi bias `-slope * |i - j|` is added first.
-    fn softmax_rows(scores: &mut [f32], len: usize, first_row: usize, slope: f32) {
-        for (r, row) in scores.chunks_exact_mut(len).enumerate() {
+    /// Softmax of the first `len` scores of each row of `scores` (rows `stride` apart) after
+    /// multiplying them by `scale`, the first row being query `first_row`; with a nonzero
+    /// `slope` the ALiBi bias `-slope * |i - j|` is added first.
+    fn softmax_rows(scores: &mut [f32], len: usize, stride: usize, first_row: usize, scale: f32, slope: f32) {
+        for (r, row) in scores.chunks_exact_mut(stride).enumerate() {
+            let row = &mut row[..len];
             if slope != 0.0 {
                 let i = (first_row + r) as f32;
                 for (j, s) in row.iter_mut().enumerate() {
-                    *s -= slope * (j as f32 - i).abs();
+                    *s = s.mul_add(scale, -slope * (j as f32 - i).abs());
                 }
+            } else {
+                row.iter_mut().for_each(|s| *s *= scale);
             }
             let max = math::max(row);
             row.iter_mut().for_each(|s| *s = math::exp(*s - max));
@@ -205,16 +350,17 @@ mod tests {
         out
     }
 
-    #[test]
-    fn packed_attention_matches_the_definition() {
-        let shape = AttentionShape {
-            heads: 3,
-            head_dim: 4,
-            scale: 0.5,
-        };
-        let h = 12;
-        let lens = [5usize, 1, 9];
-        let keys = [5usize, 1, 6];
+    /// Runs [`attention`] on sequences of `lens` rows attending to their first `keys` rows and
+    /// compares every sequence with [`reference`]; returns the output.
+    fn check(
+        shape: AttentionShape,
+        lens: &[usize],
+        keys: &[usize],
+        slopes: Option<&[f32]>,
+        products: AttentionProducts,
+        tolerance: f32,
+    ) -> Vec<f32> {
+        let h = shape.heads * shape.head_dim;
         let total: usize = lens.iter().sum();
         let qkv: Vec<f32> = (0..total * 3 * h)
             .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
@@ -223,22 +369,52 @@ mod tests {
         for l in lens {
             offsets.push(offsets.last().unwrap() + l);
         }
-        for slopes in [None, Some([0.5f32, 0.25, 0.125])] {
-            let got = attention(
-                &qkv,
-                &offsets,
-                &keys,
-                shape,
-                slopes.as_ref().map(|s| &s[..]),
-            );
-            for (s, &l) in lens.iter().enumerate() {
-                let part = &qkv[offsets[s] * 3 * h..offsets[s + 1] * 3 * h];
-                let want = reference(part, l, keys[s], shape, &slopes.unwrap_or([0.0; 3]));
-                let got = &got[offsets[s] * h..offsets[s + 1] * h];
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() < 1e-5, "{g} vs {w}");
-                }
+        let got = attention(&qkv, &offsets, keys, shape, slopes, products);
+        let no_slopes = vec![0.0; shape.heads];
+        for (s, &l) in lens.iter().enumerate() {
+            let part = &qkv[offsets[s] * 3 * h..offsets[s + 1] * 3 * h];
+            let want = reference(part, l, keys[s], shape, slopes.unwrap_or(&no_slopes));
+            let got = &got[offsets[s] * h..offsets[s + 1] * h];
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < tolerance, "{g} vs {w} ({products:?})");
             }
+        }
+        got
+    }
+
+    #[test]
+    fn packed_attention_matches_the_definition() {
+        let shape = AttentionShape {
+            heads: 3,
+            head_dim: 4,
+            scale: 0.5,
+        };
+        for slopes in [None, Some(&[0.5f32, 0.25, 0.125][..])] {
+            let (lens, keys) = ([5, 1, 9, 2], [5, 1, 6, 0]);
+            check(shape, &lens, &keys, slopes, AttentionProducts::F32, 1e-5);
+            // No whole strips of head columns: bf16 falls back to float32.
+            check(shape, &lens, &keys, slopes, AttentionProducts::Bf16, 1e-5);
+        }
+    }
+
+    #[test]
+    fn bf16_attention_stays_close_to_the_definition() {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let shape = AttentionShape {
+            heads: 2,
+            head_dim: 64,
+            scale: 0.125,
+        };
+        // Odd key counts, several strips of keys, and (400 keys) two passes of value pairs.
+        let (lens, keys) = ([5, 1, 41, 400, 3], [5, 1, 33, 400, 0]);
+        for slopes in [None, Some(&[0.5f32, 0.0625][..])] {
+            let exact = check(shape, &lens, &keys, slopes, AttentionProducts::F32, 1e-4);
+            // bf16 keeps 8 significant bits of inputs in [-1, 1].
+            let reduced = check(shape, &lens, &keys, slopes, AttentionProducts::Bf16, 2e-2);
+            assert_ne!(exact, reduced, "the bf16 products ran");
         }
     }
 }

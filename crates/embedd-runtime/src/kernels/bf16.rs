@@ -3,13 +3,14 @@
 //! `vdpbf16ps` multiplies pairs of bfloat16 values and adds both products to a float32 lane,
 //! twice the work of an f32 FMA per instruction. Weights are rounded and packed once at load into
 //! the layout it reads (16 output columns per vector, two consecutive `k` per lane); inputs are
-//! rounded per call. Only the dense layers use this; attention, softmax and LayerNorm stay f32.
+//! rounded per call. The dense layers and the attention products use this ([`StripOperand`] for
+//! the latter); softmax and LayerNorm stay f32.
 
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::packed::with_row_count;
-use super::packed::{padded_width, tiled_product, unpad, Tile, LANES, STRIP};
+use super::packed::{padded_width, tiled_product, unpad, Tile, LANES, ROWS, STRIP};
 use super::rows_per_task;
 
 /// Pairs of `k` per pass: one pass's weights for a strip (192 pairs x 32 columns, 24 KiB) stay in
@@ -102,10 +103,12 @@ impl PackedBf16 {
         assert_eq!(x.len(), m * self.k, "lhs is not {m} x {}", self.k);
         assert!(available(), "bfloat16 matmul on a CPU without AVX-512 BF16");
         let pairs = self.pairs();
-        // Inputs as bf16 pairs, one u32 per pair: the value a kernel broadcasts.
-        let mut a = vec![0u32; m * pairs];
+        // Inputs as bf16 pairs, one u32 per pair: the value a kernel broadcasts. Not zeroed
+        // first: every pair is written below.
+        let mut a: Vec<u32> = Vec::with_capacity(m * pairs);
         let task_rows = rows_per_task(self.k);
-        a.par_chunks_mut(pairs * task_rows)
+        a.spare_capacity_mut()[..m * pairs]
+            .par_chunks_mut(pairs * task_rows)
             .zip(x.par_chunks(self.k * task_rows))
             .for_each(|(dst, rows)| {
                 for (dst, row) in dst.chunks_exact_mut(pairs).zip(rows.chunks_exact(self.k)) {
@@ -116,6 +119,8 @@ impl PackedBf16 {
                     };
                 }
             });
+        // SAFETY: round_pairs wrote every pair of every row.
+        unsafe { a.set_len(m * pairs) };
         let stride = padded_width(self.n);
         let strip_len = pairs * STRIP * 2;
         let kernel = |tile: Tile, at: *mut f32| {
@@ -138,44 +143,246 @@ impl PackedBf16 {
     }
 }
 
+/// A right-hand operand packed per call in [`PackedBf16`]'s layout, for products too small to
+/// run through [`tiled_product`] (attention's keys and values, one sequence and head at a time).
+#[derive(Default)]
+pub(crate) struct StripOperand {
+    /// As [`PackedBf16::data`], a pair of bf16 per u32.
+    data: Vec<u32>,
+    pairs: usize,
+    strips: usize,
+}
+
+impl StripOperand {
+    /// `B[t][j] = rows[j][t]`, `k = d`, `n = count` (padded to whole strips with zeros): the
+    /// keys of `q · kᵀ`. Row `j` starts at `src[j * stride]`. Call only where [`available`].
+    pub(crate) fn pack_keys(&mut self, src: &[f32], stride: usize, count: usize, d: usize) {
+        assert!(count == 0 || src.len() >= (count - 1) * stride + d);
+        assert!(
+            available(),
+            "bfloat16 operands on a CPU without AVX-512 BF16"
+        );
+        let pairs = d.div_ceil(2);
+        self.pairs = pairs;
+        self.strips = count.div_ceil(STRIP);
+        self.data.clear();
+        self.data.resize(self.strips * pairs * STRIP, 0);
+        let mut row_pairs = vec![std::mem::MaybeUninit::new(0u32); pairs];
+        for j in 0..count {
+            // SAFETY: `available()` was checked above.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::round_pairs(&src[j * stride..][..d], &mut row_pairs)
+            };
+            let base = (j / STRIP) * pairs * STRIP + j % STRIP;
+            for (p, pair) in row_pairs.iter().enumerate() {
+                // SAFETY: round_pairs wrote every pair.
+                self.data[base + p * STRIP] = unsafe { pair.assume_init() };
+            }
+        }
+    }
+
+    /// `B[j][t] = rows[j][t]`, `k = count`, `n = d` (a multiple of 32): the values of
+    /// `p · v`. Row `j` starts at `src[j * stride]`. Call only where [`available`].
+    pub(crate) fn pack_values(&mut self, src: &[f32], stride: usize, count: usize, d: usize) {
+        assert!(
+            d.is_multiple_of(STRIP),
+            "value width {d} is not whole strips"
+        );
+        assert!(count == 0 || src.len() >= (count - 1) * stride + d);
+        assert!(
+            available(),
+            "bfloat16 operands on a CPU without AVX-512 BF16"
+        );
+        let pairs = count.div_ceil(2);
+        self.pairs = pairs;
+        self.strips = d / STRIP;
+        self.data.clear();
+        self.data.resize(self.strips * pairs * STRIP, 0);
+        let zeros = vec![0f32; d];
+        for p in 0..pairs {
+            let even = &src[2 * p * stride..][..d];
+            let odd = if 2 * p + 1 < count {
+                &src[(2 * p + 1) * stride..][..d]
+            } else {
+                &zeros
+            };
+            for (strip, (even, odd)) in even
+                .chunks_exact(STRIP)
+                .zip(odd.chunks_exact(STRIP))
+                .enumerate()
+            {
+                let dst = &mut self.data[(strip * pairs + p) * STRIP..][..STRIP];
+                // SAFETY: `available()` was checked above.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::interleave_pairs(even, odd, dst)
+                };
+            }
+        }
+    }
+
+    /// Frees the packed data if it holds more than `bytes`.
+    pub(crate) fn release_over(&mut self, bytes: usize) {
+        if self.data.capacity() * 4 > bytes {
+            self.data = Vec::new();
+        }
+    }
+
+    /// `a · B` for `m` rows of `a` (pairs as [`round_rows`] writes them, `k / 2` rounded up per
+    /// row), on the calling thread: every strip's 32 columns written to `out`, row stride
+    /// `stride`.
+    ///
+    /// # Safety
+    /// `out` must be valid for `m` rows of `32 * strips` floats at row stride `stride`.
+    pub(crate) unsafe fn product(&self, a: &[u32], m: usize, out: *mut f32, stride: usize) {
+        let pairs = self.pairs;
+        assert!(a.len() >= m * pairs, "lhs is not {m} x {pairs} pairs");
+        assert!(
+            available(),
+            "bfloat16 product on a CPU without AVX-512 BF16"
+        );
+        if pairs == 0 {
+            for r in 0..m {
+                // SAFETY: per the caller.
+                unsafe { std::ptr::write_bytes(out.add(r * stride), 0, self.strips * STRIP) };
+            }
+            return;
+        }
+        // SAFETY: a u32 is two u16 in memory, low half first: the layout the kernel reads.
+        let b: &[u16] =
+            unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast(), self.data.len() * 2) };
+        for strip in 0..self.strips {
+            let b = &b[strip * pairs * STRIP * 2..][..pairs * STRIP * 2];
+            for start in (0..pairs).step_by(PASS_PAIRS) {
+                let pass = start..pairs.min(start + PASS_PAIRS);
+                for first in (0..m).step_by(ROWS) {
+                    let rows = ROWS.min(m - first);
+                    // SAFETY: per the caller; `available()` was checked above.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        let at = out.add(first * stride + strip * STRIP);
+                        with_row_count!(
+                            rows,
+                            x86::strip_kernel(
+                                &a[first * pairs..],
+                                pairs,
+                                pass.clone(),
+                                &b[start * STRIP * 2..],
+                                at,
+                                stride,
+                                start > 0
+                            )
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Rounds `m` rows of `width` values (row `r` at `src[r * stride]`) to bf16 pairs, `width / 2`
+/// rounded up per row, into `out`: the left-hand operand of [`StripOperand::product`]. Call
+/// only where [`available`].
+pub(crate) fn round_rows(src: &[f32], stride: usize, m: usize, width: usize, out: &mut Vec<u32>) {
+    assert!(
+        available(),
+        "bfloat16 rounding on a CPU without AVX-512 BF16"
+    );
+    let pairs = width.div_ceil(2);
+    out.clear();
+    out.reserve(m * pairs);
+    for (r, dst) in out.spare_capacity_mut()[..m * pairs]
+        .chunks_exact_mut(pairs)
+        .enumerate()
+    {
+        // SAFETY: `available()` was checked above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::round_pairs(&src[r * stride..][..width], dst)
+        };
+    }
+    // SAFETY: every row's pairs were written above.
+    unsafe { out.set_len(m * pairs) };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     use super::super::packed::x86::{start_sums, store_sums};
     use super::super::packed::LANES;
-    use super::to_bf16;
 
     /// Rounds a row of float32 to bfloat16 pairs (`vcvtne2ps2bf16`: to nearest even, as
-    /// [`to_bf16`]), one u32 per pair of consecutive values; an odd last value pairs with 0.
+    /// [`to_bf16`](super::to_bf16)), one u32 per pair of consecutive values; an odd last value
+    /// pairs with 0.
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512 BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn round_pairs(row: &[f32], pairs: &mut [u32]) {
+    pub unsafe fn round_pairs(row: &[f32], pairs: &mut [MaybeUninit<u32>]) {
         assert_eq!(
             pairs.len(),
             row.len().div_ceil(2),
             "pairs for a row of {}",
             row.len()
         );
-        let whole = row.len() / 32;
-        for i in 0..whole {
-            // SAFETY: values 32i..32i+32 of `row` and pairs 16i..16i+16 of `pairs` exist.
+        // Pair p of a chunk of 32 values is (value 2p, value 2p + 1): the low and high halves of
+        // lane p of the two converted vectors.
+        for (i, chunk) in row.chunks(32).enumerate() {
+            let (lo_len, hi_len) = (chunk.len().min(16), chunk.len().saturating_sub(16));
+            let lanes = chunk.len().div_ceil(2);
+            // SAFETY: the masks cover the chunk's values and its pairs (asserted above); masked
+            // lanes are neither read nor written.
             unsafe {
-                let lo = _mm512_loadu_ps(row.as_ptr().add(32 * i));
-                let hi = _mm512_loadu_ps(row.as_ptr().add(32 * i + 16));
+                let at = row.as_ptr().add(32 * i);
+                let lo = _mm512_maskz_loadu_ps(mask(lo_len), at);
+                let hi = _mm512_maskz_loadu_ps(mask(hi_len), at.add(16));
                 let both = _mm512_cvtne2ps_pbh(hi, lo);
-                _mm512_storeu_si512(
+                _mm512_mask_storeu_epi32(
                     pairs.as_mut_ptr().add(16 * i) as *mut _,
+                    mask(lanes),
                     std::mem::transmute::<__m512bh, __m512i>(both),
                 );
             }
         }
-        for (p, d) in pairs.iter_mut().enumerate().skip(16 * whole) {
-            let lo = to_bf16(row[2 * p]) as u32;
-            let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);
-            *d = lo | (hi << 16);
+    }
+
+    /// The first `lanes` (at most 16) lanes.
+    #[inline(always)]
+    fn mask(lanes: usize) -> __mmask16 {
+        ((1u32 << lanes) - 1) as __mmask16
+    }
+
+    /// `dst[t] = (even[t], odd[t])` as a bf16 pair (even in the low half), for 32 values.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX-512BW and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn interleave_pairs(even: &[f32], odd: &[f32], dst: &mut [u32]) {
+        assert!(even.len() >= 32 && odd.len() >= 32 && dst.len() >= 32);
+        // Word i of the result takes word ORDER[i] of [even 0..16 | odd 0..16].
+        const ORDER: [i16; 32] = {
+            let mut order = [0i16; 32];
+            let mut i = 0;
+            while i < 16 {
+                order[2 * i] = i as i16;
+                order[2 * i + 1] = 16 + i as i16;
+                i += 1;
+            }
+            order
+        };
+        for half in 0..2 {
+            // SAFETY: 16 values at 16 * half of even, odd and dst exist (asserted).
+            unsafe {
+                let order = _mm512_loadu_si512(ORDER.as_ptr() as *const _);
+                let e = _mm512_loadu_ps(even.as_ptr().add(16 * half));
+                let o = _mm512_loadu_ps(odd.as_ptr().add(16 * half));
+                let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(o, e));
+                let pairs = _mm512_permutexvar_epi16(order, both);
+                _mm512_storeu_si512(dst.as_mut_ptr().add(16 * half) as *mut _, pairs);
+            }
         }
     }
 
@@ -251,9 +458,11 @@ mod tests {
                 _ => (i as f32 * 0.731).sin() * 1e3,
             })
             .collect();
-        let mut got = vec![0u32; 36];
+        let mut got = vec![std::mem::MaybeUninit::new(0u32); 36];
         // SAFETY: `available()` was checked above.
         unsafe { x86::round_pairs(&row, &mut got) };
+        // SAFETY: initialized above.
+        let got: Vec<u32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
         let want: Vec<u32> = (0..36)
             .map(|p| {
                 let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);

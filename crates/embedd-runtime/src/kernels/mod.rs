@@ -18,7 +18,7 @@ pub mod rotary;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use attention::{attention, AttentionShape};
+pub use attention::{attention, AttentionProducts, AttentionShape};
 pub use bf16::PackedBf16;
 pub use dense::{
     bias_activation, bias_residual_layer_norm, gated_activation, layer_norm_columns,

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::lora::{self, AdapterSpan, EmbeddingLora, LinearLora, LoraShape};
 use super::{Activation, Dense, Encoder};
 use crate::batch::Batch;
-use crate::kernels::{self, AttentionShape, HostSlice, RotaryTable};
+use crate::kernels::{self, AttentionProducts, AttentionShape, HostSlice, RotaryTable};
 
 fn default_act() -> Activation {
     Activation::Gelu
@@ -203,6 +203,8 @@ struct BertAttention {
     /// jina-bert-v2-qk-post-norm: LayerNorms on the whole query and key projections.
     qk_norm: Option<(LayerNorm, LayerNorm)>,
     eps: f32,
+    /// bfloat16 on the reduced-precision path, as the dense layers.
+    products: AttentionProducts,
 }
 
 /// Attention scores are computed in blocks of query rows no larger than this, so a long input
@@ -279,6 +281,7 @@ impl BertAttention {
             alibi_host,
             qk_norm,
             eps: config.layer_norm_eps as f32,
+            products: AttentionProducts::F32,
         })
     }
 
@@ -315,6 +318,7 @@ impl BertAttention {
             rows.attended,
             shape,
             self.alibi_host.as_deref(),
+            self.products,
         );
         drop(qkv);
         let mut out = self
@@ -718,8 +722,8 @@ impl BertModel {
         Ok(hidden)
     }
 
-    /// Runs the dense layers with bfloat16 weights and inputs (float32 sums, attention and
-    /// LayerNorm): the reduced-precision CPU path. Needs AVX-512 BF16.
+    /// Runs the dense layers and the attention products with bfloat16 inputs (float32 sums,
+    /// softmax and LayerNorm): the reduced-precision CPU path. Needs AVX-512 BF16.
     pub fn use_bf16(&mut self) -> candle_core::Result<()> {
         if !kernels::bf16::available() {
             candle_core::bail!("bf16 needs a CPU with AVX-512 BF16 (avx512_bf16); use f32")
@@ -730,6 +734,7 @@ impl BertModel {
             }
             layer.attention.qkv.use_bf16()?;
             layer.attention.output.use_bf16()?;
+            layer.attention.products = AttentionProducts::Bf16;
             match &mut layer.feed_forward {
                 FeedForward::Plain {
                     intermediate,
