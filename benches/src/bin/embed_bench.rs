@@ -87,6 +87,7 @@ fn report(engine: &str, batch: usize, m: &Measurement) {
 }
 
 fn main() -> anyhow::Result<()> {
+    embedd_runtime::allocator::keep_freed_buffers();
     let args = Args::parse();
     let sentences = read_lines(&args.sentences)?;
 

@@ -44,6 +44,7 @@ fn peak_rss_kib() -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    embedd_runtime::allocator::keep_freed_buffers();
     let args = Args::parse();
     let model = TextEmbedder::load(&EmbedderSpec {
         name: "bench".into(),

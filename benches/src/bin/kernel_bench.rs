@@ -17,6 +17,7 @@ struct Args {
 }
 
 fn main() {
+    embedd_runtime::allocator::keep_freed_buffers();
     let args = Args::parse();
     // (name, k, n): qkv, attention output, intermediate, output.
     let layers = [

@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows about HTTP. The server hands texts in and gets vectors back.
 
+pub mod allocator;
 pub mod batch;
 pub mod colbert;
 pub mod device;

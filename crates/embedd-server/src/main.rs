@@ -42,6 +42,7 @@ async fn healthcheck(port: u16) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    embedd_runtime::allocator::keep_freed_buffers();
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         let port = std::env::var("EMBEDD_PORT")
             .ok()

@@ -1,0 +1,18 @@
+//! Allocator settings for inference: a forward pass allocates and frees buffers of megabytes per
+//! layer (a batch's hidden states, its products, its attention context).
+
+/// Keeps freed buffers (up to 32 MiB each, and up to 128 MiB of free memory per heap) for the
+/// next layer instead of returning them to the system. glibc's defaults map each buffer over
+/// 128 KiB afresh (or trim the heap it came from) and unmap it when freed, so the next layer
+/// faulted the same pages in again; how often depended on its adaptive threshold, which made a
+/// bfloat16 forward pass of 8 medium sentences take from 1x to 10x as many page faults run to
+/// run and up to 25% longer. Memory stays bounded by the largest batch's working set. Call
+/// once at start-up; a no-op off glibc.
+pub fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; these two are valid for any value.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
