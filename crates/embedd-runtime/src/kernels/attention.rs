@@ -132,8 +132,8 @@ impl Scratch {
 }
 
 thread_local! {
-    /// Kept across tasks and calls: buffers allocated per task made the allocator return pages
-    /// and fault them in again, ten times the page faults of a whole bf16 forward pass.
+    /// Kept across tasks and calls, so that a forward pass does not allocate four buffers per
+    /// (sequence, head).
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
