@@ -154,19 +154,24 @@ pub(crate) struct StripOperand {
 }
 
 impl StripOperand {
-    /// `B[t][j] = rows[j][t]`, `k = d`, `n = count` (padded to whole strips with zeros): the
-    /// keys of `q · kᵀ`. Row `j` starts at `src[j * stride]`. Call only where [`available`].
-    pub(crate) fn pack_keys(&mut self, src: &[f32], stride: usize, count: usize, d: usize) {
-        assert!(count == 0 || src.len() >= (count - 1) * stride + d);
+    /// Zeros for `strips` strips of `pairs` pairs: what the padding keeps.
+    fn reset(&mut self, pairs: usize, strips: usize) {
         assert!(
             available(),
             "bfloat16 operands on a CPU without AVX-512 BF16"
         );
-        let pairs = d.div_ceil(2);
         self.pairs = pairs;
-        self.strips = count.div_ceil(STRIP);
+        self.strips = strips;
         self.data.clear();
-        self.data.resize(self.strips * pairs * STRIP, 0);
+        self.data.resize(strips * pairs * STRIP, 0);
+    }
+
+    /// `B[t][j] = rows[j][t]`, `k = d`, `n = count` (padded to whole strips with zeros): the
+    /// keys of `q · kᵀ`. Row `j` starts at `src[j * stride]`. Call only where [`available`].
+    pub(crate) fn pack_keys(&mut self, src: &[f32], stride: usize, count: usize, d: usize) {
+        assert!(count == 0 || src.len() >= (count - 1) * stride + d);
+        let pairs = d.div_ceil(2);
+        self.reset(pairs, count.div_ceil(STRIP));
         let mut row_pairs = vec![std::mem::MaybeUninit::new(0u32); pairs];
         for j in 0..count {
             // SAFETY: `available()` was checked above.
@@ -190,15 +195,8 @@ impl StripOperand {
             "value width {d} is not whole strips"
         );
         assert!(count == 0 || src.len() >= (count - 1) * stride + d);
-        assert!(
-            available(),
-            "bfloat16 operands on a CPU without AVX-512 BF16"
-        );
         let pairs = count.div_ceil(2);
-        self.pairs = pairs;
-        self.strips = d / STRIP;
-        self.data.clear();
-        self.data.resize(self.strips * pairs * STRIP, 0);
+        self.reset(pairs, d / STRIP);
         let zeros = vec![0f32; d];
         for p in 0..pairs {
             let even = &src[2 * p * stride..][..d];
