@@ -73,7 +73,9 @@ pub fn attention(
             SCRATCH.with_borrow_mut(|scratch| {
                 // SAFETY: (seq, head) pairs are distinct per task, so their output blocks are too.
                 unsafe {
-                    if bf16 {
+                    if rows.keys == 0 {
+                        attend_nothing(out_ptr, rows, one)
+                    } else if bf16 {
                         attend_one_bf16(qkv, out_ptr, rows, one, scratch)
                     } else {
                         attend_one(qkv, out_ptr, rows, one, scratch)
@@ -159,18 +161,14 @@ unsafe fn attend_nothing(out: DisjointWrites, Rows { first, len, .. }: Rows, hea
 
 /// # Safety
 /// `out` must be valid for `(first + len) * h` floats, and no other task may write rows
-/// `first..first + len`, columns of `head`.
+/// `first..first + len`, columns of `head`; `keys` is at least 1.
 unsafe fn attend_one(
     qkv: &[f32],
     out: DisjointWrites,
-    rows @ Rows { first, len, keys }: Rows,
+    Rows { first, len, keys }: Rows,
     head: Head,
     scratch: &mut Scratch,
 ) {
-    if keys == 0 {
-        // SAFETY: per the caller.
-        return unsafe { attend_nothing(out, rows, head) };
-    }
     let d = head.shape.head_dim;
     let h = head.shape.heads * d;
     let row = 3 * h as isize;
@@ -245,14 +243,10 @@ unsafe fn attend_one(
 unsafe fn attend_one_bf16(
     qkv: &[f32],
     out: DisjointWrites,
-    rows @ Rows { first, len, keys }: Rows,
+    Rows { first, len, keys }: Rows,
     head: Head,
     scratch: &mut Scratch,
 ) {
-    if keys == 0 {
-        // SAFETY: per the caller.
-        return unsafe { attend_nothing(out, rows, head) };
-    }
     let d = head.shape.head_dim;
     let h = head.shape.heads * d;
     let base = first * 3 * h + head.index * d;
