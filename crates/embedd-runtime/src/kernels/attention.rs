@@ -48,6 +48,11 @@ pub fn attention(
     if let Some(s) = alibi_slopes {
         assert_eq!(s.len(), shape.heads, "one ALiBi slope per head");
     }
+    assert!(
+        shape.scale > 0.0,
+        "attention scale {} is not positive",
+        shape.scale
+    );
     let bf16 = products == AttentionProducts::Bf16
         && bf16::available()
         && shape.head_dim.is_multiple_of(packed::STRIP);
@@ -122,12 +127,8 @@ const RETAINED_BYTES: usize = 512 * 512 * 4;
 
 impl Scratch {
     fn release_large(&mut self) {
-        if self.scores.capacity() * 4 > RETAINED_BYTES {
-            self.scores = Vec::new();
-        }
-        if self.lhs.capacity() * 4 > RETAINED_BYTES {
-            self.lhs = Vec::new();
-        }
+        super::release_over(&mut self.scores, RETAINED_BYTES);
+        super::release_over(&mut self.lhs, RETAINED_BYTES);
         self.keys.release_over(RETAINED_BYTES);
         self.values.release_over(RETAINED_BYTES);
     }
@@ -290,16 +291,18 @@ simd_function! {
     fn softmax_rows(scores: &mut [f32], len: usize, stride: usize, first_row: usize, scale: f32, slope: f32) {
         for (r, row) in scores.chunks_exact_mut(stride).enumerate() {
             let row = &mut row[..len];
-            if slope != 0.0 {
+            // Without ALiBi the scale joins the exponent (scale > 0 keeps the maximum).
+            let scale = if slope != 0.0 {
                 let i = (first_row + r) as f32;
                 for (j, s) in row.iter_mut().enumerate() {
                     *s = s.mul_add(scale, -slope * (j as f32 - i).abs());
                 }
+                1.0
             } else {
-                row.iter_mut().for_each(|s| *s *= scale);
-            }
-            let max = math::max(row);
-            row.iter_mut().for_each(|s| *s = math::exp(*s - max));
+                scale
+            };
+            let shift = -math::max(row) * scale;
+            row.iter_mut().for_each(|s| *s = math::exp(s.mul_add(scale, shift)));
             let inv = 1.0 / math::sum(row);
             row.iter_mut().for_each(|s| *s *= inv);
         }

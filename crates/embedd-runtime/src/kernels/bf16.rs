@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::packed::with_row_count;
-use super::packed::{padded_width, tiled_product, unpad, Tile, LANES, ROWS, STRIP};
+use super::packed::{for_each_tile, padded_width, tiled_product, unpad, Tile, LANES, STRIP};
 use super::rows_per_task;
 
 /// Pairs of `k` per pass: one pass's weights for a strip (192 pairs x 32 columns, 24 KiB) stay in
@@ -122,25 +122,35 @@ impl PackedBf16 {
         // SAFETY: round_pairs wrote every pair of every row.
         unsafe { a.set_len(m * pairs) };
         let stride = padded_width(self.n);
-        let strip_len = pairs * STRIP * 2;
-        let kernel = |tile: Tile, at: *mut f32| {
-            let strip = &self.data[tile.strip * strip_len..][..strip_len];
-            let b = &strip[tile.pass.start * STRIP * 2..tile.pass.end * STRIP * 2];
-            let inputs = &a[tile.first * pairs..(tile.first + tile.rows) * pairs];
-            // SAFETY: `available()` was checked above; `at` is valid for the tile's rows of 32
-            // (see `tiled_product`).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                with_row_count!(
-                    tile.rows,
-                    x86::strip_kernel(inputs, pairs, tile.pass, b, at, stride, tile.accumulate)
-                )
-            };
-        };
+        // SAFETY: `available()` was checked above; `at` is valid for the tile's rows of 32 (see
+        // `tiled_product`).
+        let kernel =
+            |tile: Tile, at: *mut f32| unsafe { run_tile(&self.data, pairs, &a, tile, at, stride) };
         // SAFETY: the kernel writes its whole tile on a first pass.
         let out = unsafe { tiled_product(m, stride, pairs, PASS_PAIRS, kernel) };
         unpad(out, m, self.n)
     }
+}
+
+/// One tile of `a · B`: `a` holds rows of `pairs` pairs, `data` is `B` packed as
+/// [`PackedBf16::data`] (`pairs` per strip); the tile is written (or added) at `at`, row stride
+/// `stride`.
+///
+/// # Safety
+/// The CPU must run [`available`]'s kernel; `at` must be valid for the tile's rows of 32.
+unsafe fn run_tile(data: &[u16], pairs: usize, a: &[u32], tile: Tile, at: *mut f32, stride: usize) {
+    let strip_len = pairs * STRIP * 2;
+    let strip = &data[tile.strip * strip_len..][..strip_len];
+    let b = &strip[tile.pass.start * STRIP * 2..tile.pass.end * STRIP * 2];
+    let inputs = &a[tile.first * pairs..(tile.first + tile.rows) * pairs];
+    // SAFETY: per the caller.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        with_row_count!(
+            tile.rows,
+            x86::strip_kernel(inputs, pairs, tile.pass, b, at, stride, tile.accumulate)
+        )
+    };
 }
 
 /// A right-hand operand packed per call in [`PackedBf16`]'s layout, for products too small to
@@ -172,17 +182,22 @@ impl StripOperand {
         assert!(count == 0 || src.len() >= (count - 1) * stride + d);
         let pairs = d.div_ceil(2);
         self.reset(pairs, count.div_ceil(STRIP));
-        let mut row_pairs = vec![std::mem::MaybeUninit::new(0u32); pairs];
+        // A key's pairs are rounded a strip's width of values at a time, then spread one per
+        // step of `k`.
+        let mut rounded = [std::mem::MaybeUninit::new(0u32); STRIP / 2];
         for j in 0..count {
-            // SAFETY: `available()` was checked above.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                x86::round_pairs(&src[j * stride..][..d], &mut row_pairs)
-            };
             let base = (j / STRIP) * pairs * STRIP + j % STRIP;
-            for (p, pair) in row_pairs.iter().enumerate() {
-                // SAFETY: round_pairs wrote every pair.
-                self.data[base + p * STRIP] = unsafe { pair.assume_init() };
+            for (c, chunk) in src[j * stride..][..d].chunks(STRIP).enumerate() {
+                let rounded = &mut rounded[..chunk.len().div_ceil(2)];
+                // SAFETY: `available()` was checked above.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::round_pairs(chunk, rounded)
+                };
+                for (p, pair) in rounded.iter().enumerate() {
+                    // SAFETY: round_pairs wrote every pair.
+                    self.data[base + (c * STRIP / 2 + p) * STRIP] = unsafe { pair.assume_init() };
+                }
             }
         }
     }
@@ -197,19 +212,14 @@ impl StripOperand {
         assert!(count == 0 || src.len() >= (count - 1) * stride + d);
         let pairs = count.div_ceil(2);
         self.reset(pairs, d / STRIP);
-        let zeros = vec![0f32; d];
+        const ZEROS: [f32; STRIP] = [0.0; STRIP];
         for p in 0..pairs {
-            let even = &src[2 * p * stride..][..d];
-            let odd = if 2 * p + 1 < count {
-                &src[(2 * p + 1) * stride..][..d]
-            } else {
-                &zeros
-            };
-            for (strip, (even, odd)) in even
-                .chunks_exact(STRIP)
-                .zip(odd.chunks_exact(STRIP))
-                .enumerate()
-            {
+            let row = |j: usize| &src[j * stride..][..d];
+            let even = row(2 * p).chunks_exact(STRIP);
+            // An odd last key pairs with zeros.
+            let odd = (2 * p + 1 < count).then(|| row(2 * p + 1));
+            for (strip, even) in even.enumerate() {
+                let odd = odd.map_or(&ZEROS[..], |o| &o[strip * STRIP..][..STRIP]);
                 let dst = &mut self.data[(strip * pairs + p) * STRIP..][..STRIP];
                 // SAFETY: `available()` was checked above.
                 #[cfg(target_arch = "x86_64")]
@@ -222,9 +232,7 @@ impl StripOperand {
 
     /// Frees the packed data if it holds more than `bytes`.
     pub(crate) fn release_over(&mut self, bytes: usize) {
-        if self.data.capacity() * 4 > bytes {
-            self.data = Vec::new();
-        }
+        super::release_over(&mut self.data, bytes);
     }
 
     /// `a · B` for `m` rows of `a` (pairs as [`round_rows`] writes them, `k / 2` rounded up per
@@ -251,30 +259,14 @@ impl StripOperand {
         let b: &[u16] =
             unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast(), self.data.len() * 2) };
         for strip in 0..self.strips {
-            let b = &b[strip * pairs * STRIP * 2..][..pairs * STRIP * 2];
-            for start in (0..pairs).step_by(PASS_PAIRS) {
-                let pass = start..pairs.min(start + PASS_PAIRS);
-                for first in (0..m).step_by(ROWS) {
-                    let rows = ROWS.min(m - first);
-                    // SAFETY: per the caller; `available()` was checked above.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let at = out.add(first * stride + strip * STRIP);
-                        with_row_count!(
-                            rows,
-                            x86::strip_kernel(
-                                &a[first * pairs..],
-                                pairs,
-                                pass.clone(),
-                                &b[start * STRIP * 2..],
-                                at,
-                                stride,
-                                start > 0
-                            )
-                        )
-                    };
+            for_each_tile(0..m, strip, pairs, PASS_PAIRS, |tile| {
+                // SAFETY: the tile's rows and strip lie inside `out` (the caller's promise);
+                // `available()` was checked above.
+                unsafe {
+                    let at = out.add(tile.first * stride + strip * STRIP);
+                    run_tile(b, pairs, a, tile, at, stride)
                 }
-            }
+            });
         }
     }
 }

@@ -135,6 +135,14 @@ impl DisjointWrites {
     }
 }
 
+/// Frees `buffer` if its capacity is over `bytes`: a worker's scratch keeps what ordinary inputs
+/// need, not what the longest one did.
+pub(crate) fn release_over<T>(buffer: &mut Vec<T>, bytes: usize) {
+    if buffer.capacity() * std::mem::size_of::<T>() > bytes {
+        *buffer = Vec::new();
+    }
+}
+
 /// Rows per parallel task for elementwise passes: enough work to amortize scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)

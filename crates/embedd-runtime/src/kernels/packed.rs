@@ -61,32 +61,40 @@ pub(crate) unsafe fn tiled_product(
         .for_each(|task| {
             let (block, strip) = (task / strips, task % strips);
             let block_rows = block * BLOCK_ROWS..m.min((block + 1) * BLOCK_ROWS);
-            for start in (0..depth).step_by(pass_len) {
-                let pass = start..depth.min(start + pass_len);
-                for first in block_rows.clone().step_by(ROWS) {
-                    let rows = ROWS.min(block_rows.end - first);
-                    // SAFETY: the offset is inside the buffer (first < m, strip < strips), and
-                    // the tile's columns of these rows belong to this task alone.
-                    let at = unsafe { out_ptr.at(first * n_padded + strip * STRIP) };
-                    let accumulate = start > 0;
-                    let pass = pass.clone();
-                    tile(
-                        Tile {
-                            first,
-                            rows,
-                            strip,
-                            pass,
-                            accumulate,
-                        },
-                        at,
-                    );
-                }
-            }
+            for_each_tile(block_rows, strip, depth, pass_len, |t| {
+                // SAFETY: the offset is inside the buffer (first < m, strip < strips), and the
+                // tile's columns of these rows belong to this task alone.
+                let at = unsafe { out_ptr.at(t.first * n_padded + strip * STRIP) };
+                tile(t, at);
+            });
         });
     // SAFETY: the tiles cover every row of every strip, and the first pass (depth > 0) of each
     // wrote all of it (the caller's promise).
     unsafe { out.set_len(m * n_padded) };
     out
+}
+
+/// The tiles of rows `rows` of one strip, pass by pass over `depth` steps of `k` (`pass_len`
+/// each), each pass's tiles in row order: the order that keeps a pass's weights in L1.
+pub(crate) fn for_each_tile(
+    rows: Range<usize>,
+    strip: usize,
+    depth: usize,
+    pass_len: usize,
+    mut tile: impl FnMut(Tile),
+) {
+    for start in (0..depth).step_by(pass_len) {
+        let pass = start..depth.min(start + pass_len);
+        for first in rows.clone().step_by(ROWS) {
+            tile(Tile {
+                first,
+                rows: ROWS.min(rows.end - first),
+                strip,
+                pass: pass.clone(),
+                accumulate: start > 0,
+            });
+        }
+    }
 }
 
 /// `n` columns rounded up to whole strips: the row stride of a packed product.
