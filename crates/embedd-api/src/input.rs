@@ -82,6 +82,18 @@ impl Task {
 }
 
 /// The texts of items already checked to be text (images are skipped).
+/// A 422 on `input` when a request carries more inputs than the server takes in one request
+/// (`--max-client-batch-size`), for every route that takes a list of inputs.
+pub fn check_input_count(count: usize, max: usize) -> Result<(), ValidationErrors> {
+    if count <= max {
+        return Ok(());
+    }
+    Err(ValidationErrors::single(ValidationError::value(
+        vec!["body".into(), "input".into()],
+        format!("{count} inputs in one request; at most {max} are accepted"),
+    )))
+}
+
 pub fn texts(items: &[InputItem]) -> Vec<String> {
     items
         .iter()

@@ -1,10 +1,10 @@
 //! What a served model can do, as far as request validation and `/v1/models` need to know.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// Which routes a model serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelKind {
     /// Dense vectors on `/v1/embeddings`.

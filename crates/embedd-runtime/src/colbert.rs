@@ -7,16 +7,16 @@
 
 use std::collections::HashSet;
 
-use candle_core::Module;
-use candle_nn::Linear;
 use serde_json::Value;
 
-use crate::batch::Batch;
+use crate::batch::PackedBatch;
+use crate::checkpoint::{warm_up_sequence, Checkpoint};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
-use crate::model_dir::{read_json, ModelDir, ModelSource};
-use crate::models::{bert_config, open_weights, set_precision, weights_error, BertModel, Encoder};
-use crate::scheduler::{BatchScheduler, SchedulerConfig, TokenCost};
+use crate::heads::ColbertProjection;
+use crate::model_dir::{read_json, ModelSource};
+use crate::models::open_weights;
+use crate::scheduler::{BatchScheduler, HealthReport, SchedulerConfig, TokenCost};
 use crate::tokenize::{TextTokenizer, TokenSequence};
 
 /// The ColBERT settings a checkpoint carries in `artifact.metadata` (defaults as the reference's).
@@ -133,41 +133,34 @@ const METADATA: &str = "artifact.metadata";
 
 impl ColbertModel {
     pub fn load(spec: &ColbertSpec) -> Result<Self> {
-        let dir = ModelDir::resolve(&spec.source, &[METADATA])?;
+        let checkpoint = Checkpoint::open(&spec.source, &[METADATA])?;
+        let dir = &checkpoint.dir;
         let settings = match dir.extra_file(METADATA) {
             Some(path) => ColbertSettings::from_metadata(&read_json(path)?),
             None => ColbertSettings::default(),
         };
-        let device = spec.device.open()?;
-        let config = bert_config(&dir, &dir.read_config()?)?;
-        let vb = open_weights(&dir, &device)?;
-        let mut encoder =
-            BertModel::load(vb.clone(), &config).map_err(|e| weights_error(&dir, e))?;
-        set_precision(&mut encoder, spec.precision)?;
-        let projection =
-            vb.get_unchecked("linear.weight")
-                .map_err(|e| RuntimeError::ModelFile {
-                    path: dir.weights.clone(),
-                    reason: format!("no ColBERT projection `linear.weight`: {e}"),
-                })?;
-        let dimensions = projection.dim(0)?;
-        let linear = Linear::new(projection, None);
-
         let max_tokens = settings.query_maxlen.max(settings.doc_maxlen);
-        if max_tokens > config.max_tokens() {
+        let positions = checkpoint.config.max_positions().unwrap_or(usize::MAX);
+        if max_tokens > positions {
             return Err(RuntimeError::ModelConfig {
                 path: dir
                     .extra_file(METADATA)
                     .unwrap_or(&dir.config)
                     .to_path_buf(),
                 field: "doc_maxlen".into(),
-                reason: format!(
-                    "{max_tokens} is more than the encoder's {} positions",
-                    config.max_tokens()
-                ),
+                reason: format!("{max_tokens} is more than the encoder's {positions} positions"),
             });
         }
-        let tokenizer = TextTokenizer::from_file(&dir.tokenizer, max_tokens)?;
+        let loaded = checkpoint.load(spec.device, spec.precision)?;
+        let projection = open_weights(dir, &loaded.plan)?
+            .get_unchecked("linear.weight")
+            .and_then(ColbertProjection::new)
+            .map_err(|e| RuntimeError::ModelFile {
+                path: dir.weights.clone(),
+                reason: format!("no ColBERT projection `linear.weight`: {e}"),
+            })?;
+        let dimensions = projection.dimensions();
+        let tokenizer = checkpoint.tokenizer(max_tokens)?;
         let id = |token: &str, field: &str| {
             tokenizer
                 .token_id(token)
@@ -191,26 +184,21 @@ impl ColbertModel {
         };
 
         let pad_id = tokenizer.pad_id();
+        let backbone = loaded.backbone;
         let run = move |items: &[&ColbertItem]| -> Result<Vec<Vec<Vec<f32>>>> {
-            let sequences: Vec<&TokenSequence> = items.iter().map(|i| &i.sequence).collect();
-            let attended: Vec<usize> = items.iter().map(|i| i.attended).collect();
-            let batch = Batch::with_attention(&sequences, &attended, pad_id, &device)?;
-            let hidden = encoder.forward(&batch)?;
-            let projected: Vec<Vec<Vec<f32>>> = linear.forward(&hidden)?.to_vec3()?;
-            Ok(items
-                .iter()
-                .zip(projected)
-                .map(|(item, rows)| {
-                    rows.into_iter()
-                        .zip(&item.keep)
-                        .filter(|(_, keep)| **keep)
-                        .map(|(row, _)| normalized(row))
-                        .collect()
-                })
-                .collect())
+            let sequences = items.iter().map(|i| &i.sequence).collect();
+            let attended = items.iter().map(|i| i.attended).collect();
+            let batch = PackedBatch::with_attention(sequences, attended, pad_id);
+            let keep: Vec<&[bool]> = items.iter().map(|i| i.keep.as_slice()).collect();
+            Ok(projection.project(&backbone.forward(&batch)?, &keep)?)
         };
+        let warm_up = warm_up_sequence(&tokenizer)?;
+        run(&[&item(warm_up.ids, 1, vec![true; warm_up.type_ids.len()])])?;
         let scheduler = BatchScheduler::new(&spec.name, spec.scheduler, Box::new(run));
-        tracing::info!(model = %spec.name, source = %spec.source, dimensions, ?settings, "ColBERT model loaded");
+        tracing::info!(
+            model = %spec.name, source = %spec.source, dimensions, ?settings,
+            plan = %loaded.plan, "ColBERT model loaded"
+        );
         Ok(Self {
             name: spec.name.clone(),
             source: spec.source.clone(),
@@ -238,6 +226,10 @@ impl ColbertModel {
 
     pub fn dimensions(&self) -> usize {
         self.dimensions
+    }
+
+    pub fn health(&self) -> HealthReport {
+        self.scheduler.health()
     }
 
     pub fn settings(&self) -> &ColbertSettings {
@@ -308,13 +300,6 @@ fn punctuation_ids(tokenizer: &TextTokenizer) -> Result<HashSet<u32>> {
         .into_iter()
         .filter_map(|ids| ids.first().copied())
         .collect())
-}
-
-/// `torch.nn.functional.normalize`: x / max(||x||, 1e-12).
-fn normalized(mut v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter_mut().for_each(|x| *x /= norm);
-    v
 }
 
 /// Late-interaction relevance: for each query vector, its best dot product over the document's

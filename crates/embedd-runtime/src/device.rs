@@ -37,8 +37,21 @@ pub enum Precision {
     #[default]
     F32,
     /// Dense layers and attention products in bfloat16 with float32 sums (CPUs with AVX-512
-    /// BF16); softmax and LayerNorm stay float32.
+    /// BF16); softmax and LayerNorm stay float32. On a GPU: weights stored in bfloat16.
     Bf16,
+    /// Weights stored and computed in float16 (GPUs).
+    F16,
+}
+
+impl Precision {
+    /// The dtype candle stores the weights in when the graph runs this precision.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 impl FromStr for Precision {
@@ -48,7 +61,8 @@ impl FromStr for Precision {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
-            _ => Err(format!("unknown dtype '{s}': expected f32 or bf16")),
+            "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
+            _ => Err(format!("unknown dtype '{s}': expected f32, bf16 or f16")),
         }
     }
 }
@@ -58,6 +72,7 @@ impl fmt::Display for Precision {
         match self {
             Self::F32 => write!(f, "f32"),
             Self::Bf16 => write!(f, "bf16"),
+            Self::F16 => write!(f, "f16"),
         }
     }
 }

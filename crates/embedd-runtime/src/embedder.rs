@@ -1,21 +1,16 @@
 //! A served dense-embedding model: tokenizer, encoder, pooling, behind a [`BatchScheduler`].
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
-
-use crate::batch::Batch;
+use crate::batch::PackedBatch;
+use crate::checkpoint::{warm_up_sequence, Checkpoint};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
-use crate::model_dir::{ModelDir, ModelSource};
-use crate::models::{
-    bert_config, open_weights, set_precision, weights_error, BertModel, Encoder, T5Config,
-    T5EncoderModel,
-};
-use crate::pooling::Pooling;
-use crate::scheduler::{BatchScheduler, Priority, SchedulerConfig, TokenCost};
+use crate::heads::Pooling;
+use crate::model_dir::ModelSource;
+use crate::models::{Backbone, TaskAdapters};
+use crate::scheduler::{BatchScheduler, HealthReport, Priority, SchedulerConfig, TokenCost};
 use crate::tokenize::{BareEncoding, TextTokenizer, TokenSequence};
 
 /// What to load and how to serve it.
@@ -64,115 +59,67 @@ pub struct TextEmbedder {
     dimensions: usize,
     pooling: Pooling,
     tasks: TaskAdapters,
-}
-
-/// The task adapters a model has (jina-embeddings-v3), from `config.json`'s `lora_adaptations`
-/// and `task_instructions`.
-#[derive(Debug, Clone, Default)]
-pub struct TaskAdapters {
-    /// Task names in adapter order.
-    names: Vec<String>,
-    /// The text each task puts before an input.
-    instructions: BTreeMap<String, String>,
-}
-
-impl TaskAdapters {
-    /// The adapter index and instruction for `task`. Models without adapters take any task and
-    /// ignore it; a model with adapters refuses a task it has none for.
-    fn select(&self, task: Option<&str>) -> Result<(Option<usize>, &str)> {
-        let (Some(task), false) = (task, self.names.is_empty()) else {
-            return Ok((None, ""));
-        };
-        let Some(index) = self.names.iter().position(|n| n == task) else {
-            return Err(RuntimeError::UnknownTask {
-                task: task.to_string(),
-                known: self.names.clone(),
-            });
-        };
-        let instruction = self.instructions.get(task).map_or("", String::as_str);
-        Ok((Some(index), instruction))
-    }
-}
-
-/// The input length served when neither the catalog nor the model's files name one and the
-/// architecture has no position table (T5).
-const DEFAULT_MAX_TOKENS: usize = 512;
-
-/// Loads the encoder named by `config.json`'s `model_type`; returns it and the length its
-/// position table allows (`None`: no table, as T5's relative buckets).
-fn load_encoder(
-    dir: &ModelDir,
-    device: &Device,
-    precision: Precision,
-) -> Result<(Box<dyn Encoder>, Option<usize>, TaskAdapters)> {
-    let raw = dir.read_config()?;
-    if raw.get("model_type").and_then(|v| v.as_str()) == Some("t5") {
-        let config: T5Config =
-            serde_json::from_value(raw.clone()).map_err(|e| RuntimeError::ModelConfig {
-                path: dir.config.clone(),
-                field: "(t5 config)".into(),
-                reason: e.to_string(),
-            })?;
-        if precision != Precision::F32 {
-            return Err(RuntimeError::Precision {
-                precision: precision.to_string(),
-                reason: "reduced precision is implemented for BERT-family encoders only".into(),
-            });
-        }
-        let vb = open_weights(dir, device)?;
-        let model = T5EncoderModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
-        return Ok((Box::new(model), None, TaskAdapters::default()));
-    }
-    let config = bert_config(dir, &raw)?;
-    let vb = open_weights(dir, device)?;
-    let mut model = BertModel::load(vb, &config).map_err(|e| weights_error(dir, e))?;
-    set_precision(&mut model, precision)?;
-    let tasks = TaskAdapters {
-        names: config.lora_adaptations.clone().unwrap_or_default(),
-        instructions: config.task_instructions.clone().unwrap_or_default(),
-    };
-    Ok((Box::new(model), Some(config.max_tokens()), tasks))
+    plan: String,
 }
 
 impl TextEmbedder {
     pub fn load(spec: &EmbedderSpec) -> Result<Self> {
-        let dir = ModelDir::resolve(&spec.source, &[])?;
-        let device = spec.device.open()?;
-        let (encoder, position_limit, tasks) = load_encoder(&dir, &device, spec.precision)?;
-        let st = &dir.sentence_transformers;
-        let max_tokens = spec
-            .max_tokens
-            .or(st.max_seq_length)
-            .or(position_limit)
-            .unwrap_or(DEFAULT_MAX_TOKENS)
-            .min(position_limit.unwrap_or(usize::MAX));
-        let pooling = spec.pooling.or(st.pooling).unwrap_or(Pooling::Mean);
-        let tokenizer = TextTokenizer::from_file(&dir.tokenizer, max_tokens)?;
-        let dimensions = encoder.hidden_size();
-        let encoder: Arc<dyn Encoder> = Arc::from(encoder);
+        let checkpoint = Checkpoint::open(&spec.source, &[])?;
+        let loaded = checkpoint.load(spec.device, spec.precision)?;
+        let max_tokens = checkpoint.max_tokens(spec.max_tokens);
+        let st = &checkpoint.dir.sentence_transformers;
+        let parts = EmbedderParts {
+            tokenizer: checkpoint.tokenizer(max_tokens)?,
+            backbone: loaded.backbone,
+            pooling: spec.pooling.or(st.pooling).unwrap_or(Pooling::Mean),
+            tasks: checkpoint.config.task_adapters(),
+            plan: loaded.plan.to_string(),
+        };
+        Self::from_parts(&spec.name, spec.source.clone(), spec.scheduler, parts)
+    }
+
+    /// Serves a backbone built elsewhere: warms it up with one forward pass, then puts it behind
+    /// its scheduler.
+    pub fn from_parts(
+        name: &str,
+        source: ModelSource,
+        scheduler: SchedulerConfig,
+        parts: EmbedderParts,
+    ) -> Result<Self> {
+        let EmbedderParts {
+            tokenizer,
+            backbone,
+            pooling,
+            tasks,
+            plan,
+        } = parts;
+        let dimensions = backbone.hidden_size();
+        let backbone: Arc<dyn Backbone> = Arc::from(backbone);
         let pad_id = tokenizer.pad_id();
         let run = move |items: &[&EncodeItem]| -> Result<Vec<Vec<Vec<f32>>>> {
-            Ok(encode_batch(
-                encoder.as_ref(),
-                pooling,
-                pad_id,
-                &device,
-                items,
-            )?)
+            Ok(encode_batch(backbone.as_ref(), pooling, pad_id, items)?)
         };
-        let scheduler = BatchScheduler::new(&spec.name, spec.scheduler, Box::new(run));
+        let warm_up = EncodeItem {
+            sequence: warm_up_sequence(&tokenizer)?,
+            spans: None,
+            truncated: false,
+            adapter: None,
+        };
+        run(&[&warm_up])?;
+        let scheduler = BatchScheduler::new(name, scheduler, Box::new(run));
         tracing::info!(
-            model = %spec.name, source = %spec.source, dimensions, max_tokens, ?pooling,
-            tasks = ?tasks.names, "embedding model loaded"
+            model = %name, %source, dimensions, max_tokens = tokenizer.max_tokens(), ?pooling,
+            tasks = ?tasks.names, %plan, "embedding model loaded"
         );
         Ok(Self {
-            name: spec.name.clone(),
-            source: spec.source.clone(),
+            name: name.to_string(),
+            source,
             tokenizer,
             scheduler,
             dimensions,
             pooling,
             tasks,
+            plan,
         })
     }
 
@@ -198,6 +145,15 @@ impl TextEmbedder {
 
     pub fn queued_items(&self) -> usize {
         self.scheduler.queued_items()
+    }
+
+    pub fn health(&self) -> HealthReport {
+        self.scheduler.health()
+    }
+
+    /// The execution plan it runs under, in words (`cpu fused f32, F32 weights`).
+    pub fn plan(&self) -> &str {
+        &self.plan
     }
 
     /// The tasks the model has adapters for (empty: it has none and ignores `task`).
@@ -328,21 +284,28 @@ fn close_window(
     }
 }
 
-/// One batch through the encoder and pooling; runs on the scheduler's worker thread.
+/// What a served embedding model is made of.
+pub struct EmbedderParts {
+    pub tokenizer: TextTokenizer,
+    pub backbone: Box<dyn Backbone>,
+    pub pooling: Pooling,
+    pub tasks: TaskAdapters,
+    /// The execution plan, in words, for the logs.
+    pub plan: String,
+}
+
+/// One batch through the backbone and pooling; runs on the scheduler's worker thread.
 fn encode_batch(
-    encoder: &dyn Encoder,
+    backbone: &dyn Backbone,
     pooling: Pooling,
     pad_id: u32,
-    device: &Device,
     items: &[&EncodeItem],
 ) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
-    let sequences: Vec<&TokenSequence> = items.iter().map(|i| &i.sequence).collect();
+    let sequences = items.iter().map(|i| &i.sequence).collect();
     let adapters = items.iter().map(|i| i.adapter).collect();
-    let batch = Batch::new(&sequences, pad_id, device)?.with_adapters(adapters);
-    let hidden = encoder.forward(&batch)?;
-    let pooled = pooling
-        .pool(&hidden, &batch.attention_mask)?
-        .to_vec2::<f32>()?;
+    let batch = PackedBatch::new(sequences, pad_id).with_adapters(adapters);
+    let hidden = backbone.forward(&batch)?;
+    let pooled = pooling.pool(&hidden)?;
     items
         .iter()
         .zip(pooled)
@@ -350,20 +313,13 @@ fn encode_batch(
         .map(|(row, (item, whole))| match &item.spans {
             None => Ok(vec![whole]),
             Some(spans) => {
-                let tokens = hidden.get(row)?;
-                spans.iter().map(|s| mean_of_span(&tokens, s)).collect()
+                let start = hidden.offsets[row];
+                let rows: Vec<Range<usize>> = spans
+                    .iter()
+                    .map(|s| start + s.start..start + s.end)
+                    .collect();
+                Pooling::mean_of_spans(&hidden, &rows)
             }
         })
         .collect()
-}
-
-fn mean_of_span(tokens: &Tensor, span: &Range<usize>) -> candle_core::Result<Vec<f32>> {
-    if span.is_empty() {
-        return Ok(vec![0.0; tokens.dim(1)?]);
-    }
-    tokens
-        .narrow(0, span.start, span.len())?
-        .to_dtype(DType::F32)?
-        .mean(0)?
-        .to_vec1()
 }

@@ -21,6 +21,9 @@ pub enum RuntimeError {
     Overloaded { queued: usize },
     #[error("the model worker has stopped")]
     WorkerStopped,
+    /// Model code panicked on a batch; the batch's requests fail, the model goes on serving.
+    #[error("the model failed on this batch ({0}); the model goes on serving, retry the request")]
+    BatchPanicked(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("model file {path}: {reason}")]

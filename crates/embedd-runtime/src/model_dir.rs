@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Result, RuntimeError};
-use crate::pooling::Pooling;
+use crate::heads::Pooling;
 
 /// Where a model's files come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,13 +78,19 @@ pub struct ModelDir {
     pub source: ModelSource,
     pub config: PathBuf,
     pub tokenizer: PathBuf,
+    /// The weights file, or the shard index of a sharded checkpoint (what errors name).
     pub weights: PathBuf,
+    /// Every file holding tensors: the one file, or each shard the index names.
+    pub weight_files: Vec<PathBuf>,
     pub sentence_transformers: SentenceTransformersInfo,
     /// Extra files by relative name (a ColBERT projection, say), present when asked for and found.
     pub extra: Vec<(String, PathBuf)>,
 }
 
-const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
+const WEIGHT_FILES: [&str; 3] = ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin"];
+
+/// A sharded safetensors checkpoint's index: `weight_map` names the shard of every tensor.
+const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 
 /// Fetches files by relative name from one place: a directory or a hub repository.
 trait FileSource {
@@ -186,6 +192,11 @@ impl ModelDir {
             path: PathBuf::from(files.describe()),
             reason: format!("no weights: expected one of {}", WEIGHT_FILES.join(", ")),
         })?;
+        let weight_files = if weights.ends_with(SAFETENSORS_INDEX) {
+            shard_files(files.as_ref(), &weights)?
+        } else {
+            vec![weights.clone()]
+        };
         let sentence_transformers = read_sentence_transformers(files.as_ref())?;
         let mut found = Vec::new();
         for name in extra {
@@ -198,6 +209,7 @@ impl ModelDir {
             config,
             tokenizer,
             weights,
+            weight_files,
             sentence_transformers,
             extra: found,
         })
@@ -228,6 +240,47 @@ impl ModelDir {
             .find(|(n, _)| n == name)
             .map(|(_, p)| p.as_path())
     }
+}
+
+/// The shards a safetensors index names, each fetched once, in first-mention order.
+fn shard_files(files: &dyn FileSource, index: &Path) -> Result<Vec<PathBuf>> {
+    let map = read_json(index)?;
+    let Some(weight_map) = map.get("weight_map").and_then(Value::as_object) else {
+        return Err(RuntimeError::ModelConfig {
+            path: index.to_path_buf(),
+            field: "weight_map".into(),
+            reason: "missing or not an object".into(),
+        });
+    };
+    let mut names: Vec<&str> = Vec::new();
+    for shard in weight_map.values() {
+        let Some(name) = shard.as_str() else {
+            return Err(RuntimeError::ModelConfig {
+                path: index.to_path_buf(),
+                field: "weight_map".into(),
+                reason: format!("shard {shard} is not a file name"),
+            });
+        };
+        if name.contains("..") || name.starts_with('/') {
+            return Err(RuntimeError::ModelConfig {
+                path: index.to_path_buf(),
+                field: "weight_map".into(),
+                reason: format!("shard '{name}' is outside the model directory"),
+            });
+        }
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            files.fetch(name)?.ok_or_else(|| RuntimeError::ModelFile {
+                path: PathBuf::from(files.describe()).join(name),
+                reason: format!("shard named by {SAFETENSORS_INDEX} is missing"),
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
@@ -366,6 +419,34 @@ mod tests {
         let cfg = serde_json::json!({"pooling_mode_mean_sqrt_len_tokens": true});
         let err = pooling_from_config(p, &cfg).unwrap_err().to_string();
         assert!(err.contains("pooling_mode_mean_sqrt_len_tokens"), "{err}");
+    }
+
+    #[test]
+    fn a_sharded_checkpoint_lists_every_shard_once() {
+        let dir = std::env::temp_dir().join(format!("embedd-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "a.safetensors",
+            "b.safetensors",
+        ] {
+            std::fs::write(dir.join(f), "{}").unwrap();
+        }
+        let index = serde_json::json!({"weight_map": {
+            "x": "a.safetensors", "y": "b.safetensors", "z": "a.safetensors"}});
+        std::fs::write(dir.join(SAFETENSORS_INDEX), index.to_string()).unwrap();
+        let found = ModelDir::resolve(&ModelSource::Local(dir.clone()), &[]).unwrap();
+        assert_eq!(
+            found.weight_files,
+            vec![dir.join("a.safetensors"), dir.join("b.safetensors")]
+        );
+        std::fs::remove_file(dir.join("b.safetensors")).unwrap();
+        let err = ModelDir::resolve(&ModelSource::Local(dir.clone()), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("b.safetensors"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! A served cross-encoder: (query, document) pairs scored behind a [`BatchScheduler`].
 
-use crate::batch::Batch;
+use crate::batch::PackedBatch;
+use crate::checkpoint::{warm_up_sequence, Checkpoint};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
-use crate::model_dir::{ModelDir, ModelSource};
-use crate::models::{
-    bert_config, open_weights, set_precision, weights_error, ScoreActivation, SequenceClassifier,
-};
-use crate::scheduler::{BatchScheduler, SchedulerConfig};
+use crate::heads::{ClassifierHead, ScoreActivation};
+use crate::model_dir::ModelSource;
+use crate::models::open_weights;
+use crate::scheduler::{BatchScheduler, HealthReport, SchedulerConfig};
 use crate::tokenize::{TextTokenizer, TokenSequence};
 
 #[derive(Debug, Clone)]
@@ -36,10 +36,9 @@ pub struct CrossEncoder {
 
 impl CrossEncoder {
     pub fn load(spec: &RerankerSpec) -> Result<Self> {
-        let dir = ModelDir::resolve(&spec.source, &[])?;
-        let device = spec.device.open()?;
+        let checkpoint = Checkpoint::open(&spec.source, &[])?;
+        let dir = &checkpoint.dir;
         let raw = dir.read_config()?;
-        let config = bert_config(&dir, &raw)?;
         let labels = raw
             .get("id2label")
             .and_then(|v| v.as_object())
@@ -51,23 +50,28 @@ impl CrossEncoder {
                 reason: format!("a reranker needs a single-label head, this one has {labels}"),
             });
         }
+        let loaded = checkpoint.load(spec.device, spec.precision)?;
         let activation = ScoreActivation::from_config(&raw);
-        let mut model = SequenceClassifier::load(open_weights(&dir, &device)?, &config, activation)
-            .map_err(|e| weights_error(&dir, e))?;
-        set_precision(model.encoder_mut(), spec.precision)?;
-        let max_tokens = spec
-            .max_tokens
-            .or(dir.sentence_transformers.max_seq_length)
-            .unwrap_or(config.max_tokens())
-            .min(config.max_tokens());
-        let tokenizer = TextTokenizer::from_file(&dir.tokenizer, max_tokens)?;
+        let head = ClassifierHead::load(
+            &open_weights(dir, &loaded.plan)?,
+            checkpoint.config.hidden_size(),
+            activation,
+        )
+        .map_err(|e| crate::models::weights_error(dir, e))?;
+        let max_tokens = checkpoint.max_tokens(spec.max_tokens);
+        let tokenizer = checkpoint.tokenizer(max_tokens)?;
         let pad_id = tokenizer.pad_id();
+        let backbone = loaded.backbone;
         let run = move |items: &[&TokenSequence]| -> Result<Vec<f32>> {
-            let batch = Batch::new(items, pad_id, &device)?;
-            Ok(model.score(&batch)?.to_vec1::<f32>()?)
+            let batch = PackedBatch::new(items.to_vec(), pad_id);
+            Ok(head.score(&backbone.forward(&batch)?)?)
         };
+        run(&[&warm_up_sequence(&tokenizer)?])?;
         let scheduler = BatchScheduler::new(&spec.name, spec.scheduler, Box::new(run));
-        tracing::info!(model = %spec.name, source = %spec.source, max_tokens, ?activation, "reranker loaded");
+        tracing::info!(
+            model = %spec.name, source = %spec.source, max_tokens, ?activation,
+            plan = %loaded.plan, "reranker loaded"
+        );
         Ok(Self {
             name: spec.name.clone(),
             source: spec.source.clone(),
@@ -91,6 +95,10 @@ impl CrossEncoder {
 
     pub fn max_tokens(&self) -> usize {
         self.tokenizer.max_tokens()
+    }
+
+    pub fn health(&self) -> HealthReport {
+        self.scheduler.health()
     }
 
     /// Tokenizes (query, document) pairs, cutting documents (never the query) to the model's

@@ -10,11 +10,12 @@
 //! away are dropped from the pool.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
 
@@ -64,6 +65,61 @@ pub enum Priority {
     Background,
 }
 
+/// A batch that failed, as `/health` reports the last one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incident {
+    pub at: SystemTime,
+    pub error: String,
+    /// The model code panicked (a kernel assertion, a candle panic), rather than returning an
+    /// error.
+    pub panicked: bool,
+}
+
+/// Whether a model's worker is serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Serving,
+    /// The worker thread has ended; every request gets 503.
+    Stopped,
+}
+
+/// A model's health: what its worker has run and the last batch that failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthReport {
+    pub state: WorkerState,
+    pub batches: u64,
+    pub failed_batches: u64,
+    pub panics: u64,
+    pub last_incident: Option<Incident>,
+}
+
+#[derive(Default)]
+struct HealthCounters {
+    batches: AtomicU64,
+    failed_batches: AtomicU64,
+    panics: AtomicU64,
+    last_incident: Mutex<Option<Incident>>,
+}
+
+impl HealthCounters {
+    fn record_failure(&self, error: String, panicked: bool) {
+        self.failed_batches.fetch_add(1, Ordering::Relaxed);
+        if panicked {
+            self.panics.fetch_add(1, Ordering::Relaxed);
+        }
+        let incident = Incident {
+            at: SystemTime::now(),
+            error,
+            panicked,
+        };
+        // A poisoned lock only means a reader panicked; the slot itself is still usable.
+        *self
+            .last_incident
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(incident);
+    }
+}
+
 /// Runs one batch on the model; called on the worker thread only.
 pub type BatchFn<I, O> = Box<dyn FnMut(&[&I]) -> Result<Vec<O>> + Send>;
 
@@ -79,6 +135,7 @@ struct Job<I, O> {
 pub struct BatchScheduler<I, O> {
     sender: Option<SyncSender<Job<I, O>>>,
     queued: Arc<AtomicUsize>,
+    health: Arc<HealthCounters>,
     config: SchedulerConfig,
     worker: Option<JoinHandle<()>>,
 }
@@ -88,17 +145,20 @@ impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
         // The channel only hands jobs to the worker; the item budget below is the real bound.
         let (sender, receiver) = mpsc::sync_channel(1024);
         let queued = Arc::new(AtomicUsize::new(0));
+        let health = Arc::new(HealthCounters::default());
         let worker_queued = queued.clone();
+        let worker_health = health.clone();
         let worker = std::thread::Builder::new()
             .name(format!("embedd-model-{name}"))
             .spawn({
                 let name = name.to_string();
-                move || Worker::new(name, config, run, worker_queued).run(receiver)
+                move || Worker::new(name, config, run, worker_queued, worker_health).run(receiver)
             })
             .expect("spawning a thread at start-up");
         Self {
             sender: Some(sender),
             queued,
+            health,
             config,
             worker: Some(worker),
         }
@@ -111,6 +171,26 @@ impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
     /// Items waiting or running right now.
     pub fn queued_items(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn health(&self) -> HealthReport {
+        let stopped = self.worker.as_ref().is_none_or(JoinHandle::is_finished);
+        HealthReport {
+            state: if stopped {
+                WorkerState::Stopped
+            } else {
+                WorkerState::Serving
+            },
+            batches: self.health.batches.load(Ordering::Relaxed),
+            failed_batches: self.health.failed_batches.load(Ordering::Relaxed),
+            panics: self.health.panics.load(Ordering::Relaxed),
+            last_incident: self
+                .health
+                .last_incident
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+        }
     }
 
     /// Queues `items` and waits for their outputs, in order. Dropping the future drops the work.
@@ -179,6 +259,7 @@ struct Worker<I, O> {
     config: SchedulerConfig,
     run: BatchFn<I, O>,
     queued: Arc<AtomicUsize>,
+    health: Arc<HealthCounters>,
     /// In arrival order: the front request is the oldest.
     pending: VecDeque<PendingRequest<I, O>>,
     batches_run: u64,
@@ -190,12 +271,14 @@ impl<I: TokenCost, O> Worker<I, O> {
         config: SchedulerConfig,
         run: BatchFn<I, O>,
         queued: Arc<AtomicUsize>,
+        health: Arc<HealthCounters>,
     ) -> Self {
         Self {
             name,
             config,
             run,
             queued,
+            health,
             pending: VecDeque::new(),
             batches_run: 0,
         }
@@ -327,7 +410,22 @@ impl<I: TokenCost, O> Worker<I, O> {
             .record(refs.len() as f64);
         metrics::histogram!("embedd_batch_tokens", "model" => self.name.clone())
             .record((longest * refs.len()) as f64);
-        match (self.run)(&refs) {
+        // A panic in model code fails this batch's requests and nothing else: the worker, its
+        // queue and every other request go on.
+        let run = &mut self.run;
+        let result = catch_unwind(AssertUnwindSafe(|| run(&refs)));
+        self.health.batches.fetch_add(1, Ordering::Relaxed);
+        let result = match result {
+            Ok(result) => result,
+            Err(payload) => {
+                let msg = panic_message(payload.as_ref());
+                tracing::error!(model = %self.name, panic = %msg, "a batch panicked; its requests fail, the model goes on");
+                self.health.record_failure(msg.clone(), true);
+                self.fail_requests(&batch, || RuntimeError::BatchPanicked(msg.clone()));
+                return;
+            }
+        };
+        match result {
             Ok(outputs) if outputs.len() == batch.len() => {
                 for (&(r, i), out) in batch.iter().zip(outputs) {
                     let req = &mut self.pending[r];
@@ -343,6 +441,7 @@ impl<I: TokenCost, O> Worker<I, O> {
                     outputs.len(),
                     batch.len()
                 );
+                self.health.record_failure(msg.clone(), false);
                 self.fail_requests(&batch, || {
                     RuntimeError::Inference(candle_core::Error::Msg(msg.clone()))
                 });
@@ -350,6 +449,7 @@ impl<I: TokenCost, O> Worker<I, O> {
             Err(e) => {
                 let msg = e.to_string();
                 tracing::error!(error = %msg, "batch failed");
+                self.health.record_failure(msg.clone(), false);
                 self.fail_requests(&batch, || {
                     RuntimeError::Inference(candle_core::Error::Msg(msg.clone()))
                 });
@@ -382,6 +482,15 @@ impl<I: TokenCost, O> Worker<I, O> {
             }
         }
     }
+}
+
+/// The message a panic was raised with, when it carried one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 #[cfg(test)]
@@ -456,6 +565,34 @@ mod tests {
             rt.block_on(scheduler.submit(vec![Item(2)])).unwrap(),
             vec![2]
         );
+        assert_eq!(scheduler.queued_items(), 0);
+    }
+
+    #[test]
+    fn a_panicking_batch_fails_its_requests_and_the_worker_goes_on() {
+        let scheduler = BatchScheduler::new(
+            "t",
+            SchedulerConfig::default(),
+            Box::new(|items: &[&Item]| {
+                assert!(items.iter().all(|i| i.0 != 13), "item 13 is unlucky");
+                Ok(items.iter().map(|i| i.0).collect())
+            }),
+        );
+        let rt = runtime();
+        let err = rt.block_on(scheduler.submit(vec![Item(13)])).unwrap_err();
+        assert!(matches!(err, RuntimeError::BatchPanicked(_)), "{err}");
+        assert!(err.to_string().contains("item 13 is unlucky"), "{err}");
+        assert_eq!(
+            rt.block_on(scheduler.submit(vec![Item(2), Item(3)]))
+                .unwrap(),
+            vec![2, 3]
+        );
+        let health = scheduler.health();
+        assert_eq!(health.state, WorkerState::Serving);
+        assert_eq!((health.panics, health.failed_batches), (1, 1));
+        assert!(health.batches >= 2);
+        let incident = health.last_incident.unwrap();
+        assert!(incident.panicked && incident.error.contains("unlucky"));
         assert_eq!(scheduler.queued_items(), 0);
     }
 

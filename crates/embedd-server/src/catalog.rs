@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use embedd_runtime::{ModelSource, Pooling};
+use embedd_api::ModelKind;
+use embedd_runtime::{Family, ModelSource, Pooling};
 use serde::Deserialize;
 
 const BUILT_IN: &str = include_str!("../../../models/catalog.toml");
@@ -12,8 +13,8 @@ const BUILT_IN: &str = include_str!("../../../models/catalog.toml");
 #[serde(deny_unknown_fields)]
 pub struct CatalogEntry {
     pub name: String,
-    pub kind: String,
-    pub architecture: String,
+    pub kind: ModelKind,
+    pub architecture: Family,
     pub hub: Option<String>,
     pub local: Option<String>,
     pub pooling: Option<String>,
@@ -46,10 +47,14 @@ pub struct Catalog {
 pub struct ModelChoice {
     pub name: String,
     /// From the catalog; `None` for a model given only by its source (detected from its files).
-    pub kind: Option<String>,
+    pub kind: Option<ModelKind>,
+    /// The family the catalog says the weights are, checked against their `config.json`.
+    pub architecture: Option<Family>,
     pub source: ModelSource,
     pub pooling: Option<Pooling>,
     pub max_tokens: Option<usize>,
+    /// The output size the catalog lists, checked against the loaded model.
+    pub dimensions: Option<usize>,
 }
 
 impl Catalog {
@@ -108,10 +113,12 @@ impl Catalog {
             .map_err(err)?;
         Ok(ModelChoice {
             name: name.to_string(),
-            kind: entry.map(|e| e.kind.clone()),
+            kind: entry.map(|e| e.kind),
+            architecture: entry.map(|e| e.architecture),
             source,
             pooling,
             max_tokens: entry.and_then(|e| e.max_tokens),
+            dimensions: entry.and_then(|e| e.dimensions),
         })
     }
 }
@@ -159,6 +166,20 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_kind_or_architecture_is_refused_naming_it() {
+        let entry = |kind: &str, arch: &str| {
+            format!("[[model]]\nname = \"m\"\nkind = \"{kind}\"\narchitecture = \"{arch}\"\nhub = \"o/m\"\n")
+        };
+        assert!(parse(&entry("embedding", "jina-bert"), "f").is_ok());
+        let err = parse(&entry("image", "bert"), "f").unwrap_err().to_string();
+        assert!(err.contains("image"), "{err}");
+        let err = parse(&entry("embedding", "gpt"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gpt"), "{err}");
+    }
+
+    #[test]
     fn specs_resolve_to_local_or_hub() {
         let c = Catalog::load(None).unwrap();
         let empty = std::env::temp_dir().join("embedd-no-weights-here");
@@ -171,6 +192,8 @@ mod tests {
             }
         );
         assert_eq!(choice.pooling, Some(Pooling::Mean));
+        assert_eq!(choice.kind, Some(ModelKind::Embedding));
+        assert_eq!(choice.architecture, Some(Family::Bert));
         let choice = c.resolve("mine=org/model@main", &empty).unwrap();
         assert_eq!(choice.name, "mine");
         assert_eq!(choice.kind, None);

@@ -44,8 +44,9 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
 
-    /// Number format for BERT-family models: f32 (exact) or bf16 (dense layers in bfloat16 on
-    /// CPUs with AVX-512 BF16, about twice the throughput, cosine >= 0.999 to f32).
+    /// Number format: f32 (exact); bf16 (on the CPU: dense layers and attention products in
+    /// bfloat16 on CPUs with AVX-512 BF16, about twice the throughput, cosine >= 0.999 to f32;
+    /// on a GPU: weights stored in bfloat16); f16 (GPUs).
     #[arg(long, env = "EMBEDD_DTYPE", default_value = "f32")]
     pub dtype: Precision,
 

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use embedd_api::ModelKind;
+use embedd_runtime::checkpoint::Checkpoint;
 use embedd_runtime::colbert::ColbertSpec;
 use embedd_runtime::embedder::EmbedderSpec;
 use embedd_runtime::reranker::RerankerSpec;
@@ -22,85 +24,20 @@ use embedd_runtime::{
     ColbertModel, CrossEncoder, ModelDir, ModelSource, SchedulerConfig, TextEmbedder,
 };
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, ModelChoice};
 use crate::config::Config;
 use crate::state::{AppState, Limits, ModelRegistry, ServedModel};
 
-/// Loads every configured model; any failure names the model and the file or field at fault.
+/// Loads every configured model and opens the bulk store; any failure names the model and the
+/// file or field at fault.
 pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
     metrics::install();
-    let catalog = Catalog::load(config.models_file.as_deref())?;
-    let scheduler = SchedulerConfig {
-        max_batch_tokens: config.max_batch_tokens.max(1),
-        max_batch_size: config.max_batch_size.max(1),
-        max_queued_items: config.max_queued_inputs.max(1),
-        max_background_batch_size: config.max_background_batch_size.max(1),
-    };
-    let mut registry = ModelRegistry::default();
-    for spec in &config.models {
-        let choice = catalog.resolve(spec, &config.weights_dir)?;
-        let started = Instant::now();
-        let kind = match &choice.kind {
-            Some(k) => k.clone(),
-            None => detect_kind(&choice.source)
-                .with_context(|| format!("model '{}' from {}", choice.name, choice.source))?,
-        };
-        let model = match kind.as_str() {
-            "multi-vector" => {
-                let colbert = ColbertModel::load(&ColbertSpec {
-                    name: choice.name.clone(),
-                    source: choice.source.clone(),
-                    device: config.device,
-                    precision: config.dtype,
-                    scheduler,
-                })
-                .with_context(|| {
-                    format!(
-                        "loading ColBERT model '{}' from {}",
-                        choice.name, choice.source
-                    )
-                })?;
-                ServedModel::MultiVector(Arc::new(colbert))
-            }
-            "reranker" => {
-                let reranker = CrossEncoder::load(&RerankerSpec {
-                    name: choice.name.clone(),
-                    source: choice.source.clone(),
-                    max_tokens: choice.max_tokens,
-                    device: config.device,
-                    precision: config.dtype,
-                    scheduler,
-                })
-                .with_context(|| {
-                    format!("loading reranker '{}' from {}", choice.name, choice.source)
-                })?;
-                ServedModel::Reranker(Arc::new(reranker))
-            }
-            "embedding" => {
-                let embedder = TextEmbedder::load(&EmbedderSpec {
-                    name: choice.name.clone(),
-                    source: choice.source.clone(),
-                    pooling: choice.pooling,
-                    max_tokens: choice.max_tokens,
-                    device: config.device,
-                    precision: config.dtype,
-                    scheduler,
-                })
-                .with_context(|| {
-                    format!("loading model '{}' from {}", choice.name, choice.source)
-                })?;
-                ServedModel::Embedding(Arc::new(embedder))
-            }
-            other => anyhow::bail!(
-                "model '{}': kind '{other}' is not served by this build yet",
-                choice.name
-            ),
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        ::metrics::gauge!("embedd_model_load_seconds", "model" => choice.name.clone()).set(seconds);
-        tracing::info!(model = %choice.name, seconds, "model ready");
-        registry.insert(choice.name, model);
-    }
+    let registry = load_models(config)?;
+    state_with_models(config, registry)
+}
+
+/// The state around an already loaded set of models.
+pub fn state_with_models(config: &Config, registry: ModelRegistry) -> anyhow::Result<AppState> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     Ok(AppState {
@@ -123,23 +60,125 @@ pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
     })
 }
 
+fn load_models(config: &Config) -> anyhow::Result<ModelRegistry> {
+    let catalog = Catalog::load(config.models_file.as_deref())?;
+    let scheduler = SchedulerConfig {
+        max_batch_tokens: config.max_batch_tokens.max(1),
+        max_batch_size: config.max_batch_size.max(1),
+        max_queued_items: config.max_queued_inputs.max(1),
+        max_background_batch_size: config.max_background_batch_size.max(1),
+    };
+    let mut registry = ModelRegistry::default();
+    for spec in &config.models {
+        let choice = catalog.resolve(spec, &config.weights_dir)?;
+        let started = Instant::now();
+        let kind = match choice.kind {
+            Some(k) => k,
+            None => detect_kind(&choice.source)
+                .with_context(|| format!("model '{}' from {}", choice.name, choice.source))?,
+        };
+        let what = format!(
+            "loading {} model '{}' from {}",
+            kind.as_str(),
+            choice.name,
+            choice.source
+        );
+        check_catalog_architecture(&choice).with_context(|| what.clone())?;
+        let model = load_model(kind, &choice, config, scheduler).with_context(|| what.clone())?;
+        let dimensions = match &model {
+            ServedModel::Embedding(m) => m.dimensions(),
+            ServedModel::Reranker(_) => 1,
+            ServedModel::MultiVector(m) => m.dimensions(),
+        };
+        if let Some(expected) = choice.dimensions.filter(|&d| d != dimensions) {
+            anyhow::bail!(
+                "{what}: the catalog lists {expected} dimensions, the loaded model gives {dimensions}"
+            );
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        ::metrics::gauge!("embedd_model_load_seconds", "model" => choice.name.clone()).set(seconds);
+        tracing::info!(model = %choice.name, seconds, "model ready");
+        registry.insert(model);
+    }
+    Ok(registry)
+}
+
+/// One model of `kind`, loaded as the configuration asks.
+fn load_model(
+    kind: ModelKind,
+    choice: &ModelChoice,
+    config: &Config,
+    scheduler: SchedulerConfig,
+) -> anyhow::Result<ServedModel> {
+    let (name, source) = (choice.name.clone(), choice.source.clone());
+    let (device, precision) = (config.device, config.dtype);
+    Ok(match kind {
+        ModelKind::Embedding => {
+            ServedModel::Embedding(Arc::new(TextEmbedder::load(&EmbedderSpec {
+                name,
+                source,
+                pooling: choice.pooling,
+                max_tokens: choice.max_tokens,
+                device,
+                precision,
+                scheduler,
+            })?))
+        }
+        ModelKind::Reranker => {
+            ServedModel::Reranker(Arc::new(CrossEncoder::load(&RerankerSpec {
+                name,
+                source,
+                max_tokens: choice.max_tokens,
+                device,
+                precision,
+                scheduler,
+            })?))
+        }
+        ModelKind::MultiVector => {
+            ServedModel::MultiVector(Arc::new(ColbertModel::load(&ColbertSpec {
+                name,
+                source,
+                device,
+                precision,
+                scheduler,
+            })?))
+        }
+    })
+}
+
+/// A catalog entry names the architecture family its weights must be; a checkpoint of another
+/// family (a wrong hub id, a mislabelled local directory) is refused before it loads.
+fn check_catalog_architecture(choice: &ModelChoice) -> anyhow::Result<()> {
+    let Some(expected) = choice.architecture else {
+        return Ok(());
+    };
+    let found = Checkpoint::open(&choice.source, &[])?.config.family();
+    anyhow::ensure!(
+        found == expected,
+        "the catalog says architecture '{}', but config.json describes '{}'",
+        expected.as_str(),
+        found.as_str()
+    );
+    Ok(())
+}
+
 /// The kind of a model named only by its source: a ColBERT checkpoint (`artifact.metadata`, or
 /// the `HF_ColBERT` architecture) is multi-vector, a sequence classifier is a reranker.
-fn detect_kind(source: &ModelSource) -> anyhow::Result<String> {
+fn detect_kind(source: &ModelSource) -> anyhow::Result<ModelKind> {
     let dir = ModelDir::resolve(source, &["artifact.metadata"])?;
     let architectures = dir.architectures()?;
     Ok(
         if dir.extra_file("artifact.metadata").is_some()
             || architectures.iter().any(|a| a == "HF_ColBERT")
         {
-            "multi-vector".into()
+            ModelKind::MultiVector
         } else if architectures
             .iter()
             .any(|a| a.ends_with("ForSequenceClassification"))
         {
-            "reranker".into()
+            ModelKind::Reranker
         } else {
-            "embedding".into()
+            ModelKind::Embedding
         },
     )
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use embedd_api::{ModelCapabilities, ModelCard, ModelKind, ValidationError, ValidationErrors};
-use embedd_runtime::{ColbertModel, CrossEncoder, TextEmbedder};
+use embedd_runtime::{ColbertModel, CrossEncoder, HealthReport, TextEmbedder};
 
 /// A loaded model, by the route family that serves it.
 #[derive(Clone)]
@@ -14,80 +14,113 @@ pub enum ServedModel {
     MultiVector(Arc<ColbertModel>),
 }
 
-impl ServedModel {
-    pub fn capabilities(&self) -> ModelCapabilities {
-        match self {
-            ServedModel::Embedding(m) => ModelCapabilities {
-                name: m.name().to_string(),
-                kind: ModelKind::Embedding,
-                dimensions: m.dimensions(),
-                max_input_tokens: m.max_tokens(),
-                accepts_images: false,
-                supports_late_chunking: true,
-                tasks: m.tasks().to_vec(),
-            },
-            ServedModel::Reranker(m) => ModelCapabilities {
-                name: m.name().to_string(),
-                kind: ModelKind::Reranker,
-                dimensions: 1,
-                max_input_tokens: m.max_tokens(),
-                accepts_images: false,
-                supports_late_chunking: false,
-                tasks: Vec::new(),
-            },
-            ServedModel::MultiVector(m) => ModelCapabilities {
-                name: m.name().to_string(),
-                kind: ModelKind::MultiVector,
-                dimensions: m.dimensions(),
-                max_input_tokens: m.settings().doc_maxlen,
-                accepts_images: false,
-                supports_late_chunking: false,
-                tasks: Vec::new(),
-            },
+/// A served model with what it can do, worked out once at load: the only place the server
+/// looks at which runtime type a model is.
+#[derive(Clone)]
+pub struct Served {
+    pub capabilities: ModelCapabilities,
+    /// Where the weights came from: a directory or a hub repository.
+    pub source: String,
+    pub model: ServedModel,
+}
+
+impl Served {
+    pub fn new(model: ServedModel) -> Self {
+        let (capabilities, source) = match &model {
+            ServedModel::Embedding(m) => (
+                ModelCapabilities {
+                    name: m.name().to_string(),
+                    kind: ModelKind::Embedding,
+                    dimensions: m.dimensions(),
+                    max_input_tokens: m.max_tokens(),
+                    accepts_images: false,
+                    supports_late_chunking: true,
+                    tasks: m.tasks().to_vec(),
+                },
+                m.source().to_string(),
+            ),
+            ServedModel::Reranker(m) => (
+                ModelCapabilities {
+                    name: m.name().to_string(),
+                    kind: ModelKind::Reranker,
+                    dimensions: 1,
+                    max_input_tokens: m.max_tokens(),
+                    accepts_images: false,
+                    supports_late_chunking: false,
+                    tasks: Vec::new(),
+                },
+                m.source().to_string(),
+            ),
+            ServedModel::MultiVector(m) => (
+                ModelCapabilities {
+                    name: m.name().to_string(),
+                    kind: ModelKind::MultiVector,
+                    dimensions: m.dimensions(),
+                    max_input_tokens: m.settings().doc_maxlen,
+                    accepts_images: false,
+                    supports_late_chunking: false,
+                    tasks: Vec::new(),
+                },
+                m.source().to_string(),
+            ),
+        };
+        Self {
+            capabilities,
+            source,
+            model,
         }
     }
 
     pub fn card(&self) -> ModelCard {
-        let source = match self {
-            ServedModel::Embedding(m) => m.source().to_string(),
-            ServedModel::Reranker(m) => m.source().to_string(),
-            ServedModel::MultiVector(m) => m.source().to_string(),
-        };
-        ModelCard::new(&self.capabilities(), source)
+        ModelCard::new(&self.capabilities, self.source.clone())
+    }
+
+    /// Inputs waiting or running in the model's scheduler.
+    pub fn queued_items(&self) -> usize {
+        match &self.model {
+            ServedModel::Embedding(m) => m.queued_items(),
+            ServedModel::Reranker(m) => m.queued_items(),
+            ServedModel::MultiVector(m) => m.queued_items(),
+        }
+    }
+
+    pub fn health(&self) -> HealthReport {
+        match &self.model {
+            ServedModel::Embedding(m) => m.health(),
+            ServedModel::Reranker(m) => m.health(),
+            ServedModel::MultiVector(m) => m.health(),
+        }
     }
 }
 
 #[derive(Default)]
 pub struct ModelRegistry {
-    models: BTreeMap<String, ServedModel>,
+    models: BTreeMap<String, Served>,
 }
 
 impl ModelRegistry {
-    pub fn insert(&mut self, name: String, model: ServedModel) {
-        self.models.insert(name, model);
+    pub fn insert(&mut self, model: ServedModel) {
+        let served = Served::new(model);
+        self.models.insert(served.capabilities.name.clone(), served);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Served> {
+        self.models.values()
     }
 
     /// Inputs queued per model, for the metrics page.
     pub fn queue_depths(&self) -> Vec<(String, usize)> {
-        self.models
-            .iter()
-            .map(|(name, m)| {
-                let queued = match m {
-                    ServedModel::Embedding(m) => m.queued_items(),
-                    ServedModel::Reranker(m) => m.queued_items(),
-                    ServedModel::MultiVector(m) => m.queued_items(),
-                };
-                (name.clone(), queued)
-            })
+        self.iter()
+            .map(|m| (m.capabilities.name.clone(), m.queued_items()))
             .collect()
     }
 
     pub fn cards(&self) -> Vec<ModelCard> {
-        self.models.values().map(ServedModel::card).collect()
+        self.iter().map(Served::card).collect()
     }
 
     /// The model a request names, or a 422 on its `model` field listing what is served.
-    pub fn get(&self, name: &str) -> Result<&ServedModel, ValidationErrors> {
+    pub fn get(&self, name: &str) -> Result<&Served, ValidationErrors> {
         self.models.get(name).ok_or_else(|| {
             ValidationErrors::single(ValidationError::value(
                 vec!["body".into(), "model".into()],
@@ -102,15 +135,15 @@ impl ModelRegistry {
     /// The model a request names, with the model itself when it is of the kind `pick` takes. A
     /// model of another kind is refused by the request's `check_against`, which the caller runs
     /// on the capabilities first.
-    pub fn lookup<M>(
+    fn lookup<M>(
         &self,
         name: &str,
         pick: impl FnOnce(&ServedModel) -> Option<Arc<M>>,
     ) -> Result<Lookup<M>, ValidationErrors> {
-        let model = self.get(name)?;
+        let served = self.get(name)?;
         Ok(Lookup {
-            capabilities: model.capabilities(),
-            model: pick(model),
+            capabilities: served.capabilities.clone(),
+            model: pick(&served.model),
         })
     }
 

@@ -65,7 +65,7 @@ pub fn attention(
         .into_par_iter()
         .for_each(|task| {
             let (seq, head) = (task / shape.heads, task % shape.heads);
-            let rows = Rows {
+            let rows = SequenceRows {
                 first: offsets[seq],
                 len: offsets[seq + 1] - offsets[seq],
                 keys: keys[seq].min(offsets[seq + 1] - offsets[seq]),
@@ -96,7 +96,7 @@ pub fn attention(
 
 /// One sequence's rows in the packed buffers.
 #[derive(Clone, Copy)]
-struct Rows {
+struct SequenceRows {
     first: usize,
     len: usize,
     /// Leading rows attended to.
@@ -152,7 +152,11 @@ fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
 ///
 /// # Safety
 /// As [`attend_one`].
-unsafe fn attend_nothing(out: DisjointWrites, Rows { first, len, .. }: Rows, head: Head) {
+unsafe fn attend_nothing(
+    out: DisjointWrites,
+    SequenceRows { first, len, .. }: SequenceRows,
+    head: Head,
+) {
     let (d, h) = (head.shape.head_dim, head.shape.heads * head.shape.head_dim);
     for r in first..first + len {
         // SAFETY: this task's columns of row r (see the caller's contract).
@@ -166,7 +170,7 @@ unsafe fn attend_nothing(out: DisjointWrites, Rows { first, len, .. }: Rows, hea
 unsafe fn attend_one(
     qkv: &[f32],
     out: DisjointWrites,
-    Rows { first, len, keys }: Rows,
+    SequenceRows { first, len, keys }: SequenceRows,
     head: Head,
     scratch: &mut Scratch,
 ) {
@@ -244,7 +248,7 @@ unsafe fn attend_one(
 unsafe fn attend_one_bf16(
     qkv: &[f32],
     out: DisjointWrites,
-    Rows { first, len, keys }: Rows,
+    SequenceRows { first, len, keys }: SequenceRows,
     head: Head,
     scratch: &mut Scratch,
 ) {

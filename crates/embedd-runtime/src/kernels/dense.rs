@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::{math, rows_per_task, simd_function};
-use crate::models::Activation;
+use crate::activation::Activation;
 
 /// `x · w` for `x` of `m x k` and `w` of `k x n`, both row-major: `m x n`.
 ///

@@ -5,6 +5,7 @@ use candle_nn::Linear;
 
 use super::lora::{AdapterSpan, LinearLora};
 use crate::kernels::{self, HostSlice, PackedBf16, PackedF32};
+use crate::plan::FusedProducts;
 
 /// Where a Dense layer's weight lives. Each layer holds one form only: a packed copy beside the
 /// candle tensor would double the model's resident memory.
@@ -27,15 +28,19 @@ pub struct Dense {
 }
 
 impl Dense {
-    pub fn new(linear: Linear) -> candle_core::Result<Self> {
+    /// Holds `linear`'s weight in the form the plan's executor reads: candle's tensor for the
+    /// graph; for the fused kernels, packed float32 strips (AVX-512 CPUs; elsewhere the
+    /// tensor stored transposed, which gemm reads in place) or packed bfloat16.
+    pub fn load(linear: Linear, fused: Option<FusedProducts>) -> candle_core::Result<Self> {
         let bias = linear.bias().cloned();
         let weight = linear.weight();
-        let weight = if !kernels::on_cpu_f32(weight) {
-            Weight::Candle(weight.clone())
-        } else if PackedF32::available() {
-            Weight::F32(with_transposed(weight, PackedF32::pack)?)
-        } else {
-            Weight::Candle(weight.t()?.contiguous()?.t()?)
+        let weight = match fused {
+            None => Weight::Candle(weight.clone()),
+            Some(FusedProducts::Bf16) => Weight::Bf16(with_transposed(weight, PackedBf16::pack)?),
+            Some(FusedProducts::F32) if PackedF32::available() => {
+                Weight::F32(with_transposed(weight, PackedF32::pack)?)
+            }
+            Some(FusedProducts::F32) => Weight::Candle(weight.t()?.contiguous()?.t()?),
         };
         Ok(Self {
             weight,
@@ -57,36 +62,17 @@ impl Dense {
         }
     }
 
-    /// Whether the layer runs on the fused CPU path (float32 in host memory).
-    pub fn on_host(&self) -> bool {
-        match &self.weight {
-            Weight::Candle(w) => kernels::on_cpu_f32(w),
-            Weight::F32(_) | Weight::Bf16(_) => true,
-        }
-    }
-
-    /// The weight as candle's `[out, in]` tensor. Packed layers rebuild it: only the candle
-    /// path on a host model (the reference the fused path is tested against) needs that.
-    fn candle_weight(&self) -> candle_core::Result<Tensor> {
-        let (k, n, transposed) = match &self.weight {
-            Weight::Candle(w) => return Ok(w.clone()),
-            Weight::F32(p) => (p.k(), p.n(), p.unpack()),
-            Weight::Bf16(p) => (p.k(), p.n(), p.unpack()),
-        };
-        Tensor::from_vec(transposed, (k, n), &candle_core::Device::Cpu)?.t()
-    }
-
-    fn linear(&self) -> candle_core::Result<Linear> {
-        Ok(Linear::new(self.candle_weight()?, self.bias.clone()))
-    }
-
-    /// `x · Wᵀ + b`, each batch row with its task adapter's update (`[batch, seq, in]` input).
+    /// The graph executor's `x · Wᵀ + b`, each batch row with its task adapter's update
+    /// (`[batch, seq, in]` input).
     pub fn forward_adapted(
         &self,
         x: &Tensor,
         adapters: &[Option<usize>],
     ) -> candle_core::Result<Tensor> {
-        let out = self.linear()?.forward(x)?;
+        let Weight::Candle(weight) = &self.weight else {
+            candle_core::bail!("a layer packed for the fused kernels was run on the graph")
+        };
+        let out = Linear::new(weight.clone(), self.bias.clone()).forward(x)?;
         match &self.lora {
             Some(lora) => lora.add(x, out, adapters),
             None => Ok(out),
@@ -107,17 +93,6 @@ impl Dense {
         Ok(out)
     }
 
-    /// Packs the weight for the bfloat16 kernel (CPU float32 models only).
-    pub fn use_bf16(&mut self) -> candle_core::Result<()> {
-        let packed = match &self.weight {
-            Weight::Bf16(_) => return Ok(()),
-            Weight::F32(p) => PackedBf16::pack(&p.unpack(), p.k(), p.n()),
-            Weight::Candle(w) => with_transposed(w, PackedBf16::pack)?,
-        };
-        self.weight = Weight::Bf16(packed);
-        Ok(())
-    }
-
     /// `x · Wᵀ` on the fused path (`x` is `rows x in_features`); the bias is left to the pass
     /// that follows.
     pub fn forward_host(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
@@ -136,7 +111,7 @@ impl Dense {
 }
 
 /// Calls `f` with a host float32 `[out, in]` weight as its `k x n` (`in x out`) row-major
-/// transpose. Free for the weights `Dense::new` keeps on the CPU, which are transposed in memory.
+/// transpose. Free for the weights `Dense::load` keeps on the CPU, which are transposed in memory.
 fn with_transposed<T>(
     weight: &Tensor,
     f: impl FnOnce(&[f32], usize, usize) -> T,
@@ -145,12 +120,6 @@ fn with_transposed<T>(
     let transposed = weight.t()?.contiguous()?;
     let host = HostSlice::of(&transposed)?;
     Ok(f(&host, k, n))
-}
-
-impl Module for Dense {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear()?.forward(x)
-    }
 }
 
 #[cfg(test)]
@@ -190,16 +159,15 @@ mod tests {
         let transposed = weight.t()?.contiguous()?.t()?;
         let mut forms = vec![("gemm", layer(Weight::Candle(transposed), &bias))];
         if PackedF32::available() {
-            forms.push(("packed f32", Dense::new(Linear::new(weight.clone(), None))?));
-            let mut bf16 = Dense::new(Linear::new(weight.clone(), None))?;
-            if kernels::bf16::available() {
-                bf16.use_bf16()?;
-                forms.push(("bf16", bf16));
-            }
+            let linear = Linear::new(weight.clone(), None);
+            forms.push(("packed f32", Dense::load(linear, Some(FusedProducts::F32))?));
+        }
+        if kernels::bf16::available() {
+            let linear = Linear::new(weight.clone(), None);
+            forms.push(("bf16", Dense::load(linear, Some(FusedProducts::Bf16))?));
         }
         for (name, dense) in &forms {
             assert_eq!(dense.out_features()?, n, "{name}");
-            assert!(dense.on_host(), "{name}");
             // The bias is left to the pass after the product.
             let got = dense.forward_host(&x, rows)?;
             let tolerance = if *name == "bf16" { 2e-2 } else { 1e-5 };
@@ -208,11 +176,6 @@ mod tests {
                     (g - w).abs() <= tolerance * w.abs().max(1.0),
                     "{name}: {g} vs {w}"
                 );
-            }
-            // The candle path rebuilds the weight from whatever form holds it.
-            if *name != "bf16" {
-                let rebuilt = dense.candle_weight()?.flatten_all()?.to_vec1::<f32>()?;
-                assert_eq!(rebuilt, weight.flatten_all()?.to_vec1::<f32>()?, "{name}");
             }
         }
         Ok(())

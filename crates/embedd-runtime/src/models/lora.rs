@@ -6,8 +6,6 @@
 //! (`<layer>.parametrizations.weight.original`, `...weight.0.lora_A`, `...weight.0.lora_B`),
 //! the task index first.
 
-use std::ops::Range;
-
 use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -22,8 +20,7 @@ pub struct LoraShape {
     pub scaling: f64,
 }
 
-/// Rows `range` of a packed batch run with adapter `task`.
-pub type AdapterSpan = (Range<usize>, usize);
+pub use crate::batch::AdapterSpan;
 
 /// A Linear's adapters: with task `t`, `W` becomes `W + scaling · Bₜ · Aₜ`.
 pub struct LinearLora {

@@ -1,78 +1,192 @@
-//! Encoder architectures. Each takes a [`Batch`] and returns token vectors `[batch, seq, hidden]`.
+//! Backbones: one module per architecture family, each turning a [`PackedBatch`] into token
+//! vectors ([`Hidden`]). `config.json` is read once into an [`ArchitectureConfig`], and
+//! [`load_backbone`] builds the family it names under an [`ExecutionPlan`].
+//!
+//! A new family is a module here whose config type implements [`FamilyConfig`] and whose model
+//! implements [`Backbone`], registered by one line in [`FAMILIES`] (and its catalog name in
+//! [`Family`]).
 
 pub mod bert;
-pub mod classifier;
 pub mod dense;
 pub mod lora;
 pub mod t5;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use crate::batch::Batch;
-use crate::device::Precision;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::batch::{Hidden, PackedBatch};
 use crate::error::{Result, RuntimeError};
 use crate::model_dir::ModelDir;
+use crate::plan::ExecutionPlan;
 
-pub use bert::{BertConfig, BertModel};
-pub use classifier::{ScoreActivation, SequenceClassifier};
+pub use bert::{BertConfig, BertModel, BertVariant};
 pub use dense::Dense;
 pub use t5::{T5Config, T5EncoderModel};
 
-/// Interprets `config.json` (as read from `dir`) as a BERT-family config, refusing what this
-/// family cannot run.
-pub fn bert_config(dir: &ModelDir, raw: &serde_json::Value) -> Result<BertConfig> {
-    let model_type = raw
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("bert")
-        .to_string();
-    if !matches!(
-        model_type.as_str(),
-        "bert" | "roberta" | "xlm-roberta" | "camembert"
-    ) {
-        return Err(RuntimeError::ModelConfig {
-            path: dir.config.clone(),
-            field: "model_type".into(),
-            reason: format!("architecture '{model_type}' is not supported yet"),
-        });
-    }
-    let config: BertConfig =
-        serde_json::from_value(raw.clone()).map_err(|e| RuntimeError::ModelConfig {
-            path: dir.config.clone(),
-            field: "(bert config)".into(),
-            reason: e.to_string(),
-        })?;
-    if let Some(p) = config
-        .position_embedding_type
-        .as_deref()
-        .filter(|p| !matches!(*p, "absolute" | "alibi" | "rotary"))
-    {
-        return Err(RuntimeError::ModelConfig {
-            path: dir.config.clone(),
-            field: "position_embedding_type".into(),
-            reason: format!("'{p}' is not supported ('absolute', 'alibi' or 'rotary')"),
-        });
-    }
-    if let Some(t) = config
-        .feed_forward_type
-        .as_deref()
-        .filter(|t| !matches!(*t, "original" | "geglu"))
-    {
-        return Err(RuntimeError::ModelConfig {
-            path: dir.config.clone(),
-            field: "feed_forward_type".into(),
-            reason: format!("'{t}' is not supported ('original' or 'geglu')"),
-        });
-    }
-    Ok(config)
+/// A network that turns token ids into one vector per token. Heads (pooling, classifiers,
+/// projections) read its output; it knows none of them.
+pub trait Backbone: Send + Sync {
+    fn forward(&self, batch: &PackedBatch) -> candle_core::Result<Hidden>;
+    fn hidden_size(&self) -> usize;
 }
 
-/// The checkpoint's tensors on `device`, with load errors naming the weights file.
-pub fn open_weights(dir: &ModelDir, device: &Device) -> Result<VarBuilder<'static>> {
-    bert::var_builder(&dir.weights, DType::F32, device).map_err(|e| RuntimeError::ModelFile {
-        path: dir.weights.clone(),
-        reason: format!("cannot read weights: {e}"),
+/// What a family's resolved `config.json` tells the rest of the runtime, and how it builds its
+/// backbone.
+pub trait FamilyConfig: std::fmt::Debug + Send + Sync {
+    /// Which family (and member) the checkpoint is.
+    fn family(&self) -> Family;
+    fn hidden_size(&self) -> usize;
+    /// The longest input the position scheme allows; `None` where nothing bounds it (T5's
+    /// relative buckets).
+    fn max_positions(&self) -> Option<usize>;
+    /// The task adapters the checkpoint has; none by default.
+    fn task_adapters(&self) -> TaskAdapters {
+        TaskAdapters::default()
+    }
+    /// Builds the backbone from `dir`'s weights, held as `plan` runs it.
+    fn load(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>>;
+}
+
+/// Reads a family's config from `config.json`; a refusal names the field and why.
+type ReadConfig = fn(&Value) -> std::result::Result<Box<dyn FamilyConfig>, (String, String)>;
+
+/// Every family, by the `model_type` values it serves: the one registration a family needs.
+pub const FAMILIES: &[(&[&str], ReadConfig)] = &[
+    (
+        &["bert", "roberta", "xlm-roberta", "camembert"],
+        bert::read_config,
+    ),
+    (&["t5"], t5::read_config),
+];
+
+/// A checkpoint's architecture, from `config.json`, resolved once at load.
+#[derive(Debug)]
+pub struct ArchitectureConfig(Box<dyn FamilyConfig>);
+
+/// The architecture families, as the catalog names them (`architecture = "..."`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    Bert,
+    Roberta,
+    JinaBert,
+    JinaBertQkPostNorm,
+    XlmRobertaLora,
+    T5Encoder,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Bert => "bert",
+            Family::Roberta => "roberta",
+            Family::JinaBert => "jina-bert",
+            Family::JinaBertQkPostNorm => "jina-bert-qk-post-norm",
+            Family::XlmRobertaLora => "xlm-roberta-lora",
+            Family::T5Encoder => "t5-encoder",
+        }
+    }
+}
+
+/// The task adapters a model has (jina-embeddings-v3), from `config.json`'s `lora_adaptations`
+/// and `task_instructions`.
+#[derive(Debug, Clone, Default)]
+pub struct TaskAdapters {
+    /// Task names in adapter order.
+    pub names: Vec<String>,
+    /// The text each task puts before an input.
+    pub instructions: BTreeMap<String, String>,
+}
+
+impl TaskAdapters {
+    /// The adapter index and instruction for `task`. Models without adapters take any task and
+    /// ignore it; a model with adapters refuses a task it has none for.
+    pub fn select(&self, task: Option<&str>) -> Result<(Option<usize>, &str)> {
+        let (Some(task), false) = (task, self.names.is_empty()) else {
+            return Ok((None, ""));
+        };
+        let Some(index) = self.names.iter().position(|n| n == task) else {
+            return Err(RuntimeError::UnknownTask {
+                task: task.to_string(),
+                known: self.names.clone(),
+            });
+        };
+        let instruction = self.instructions.get(task).map_or("", String::as_str);
+        Ok((Some(index), instruction))
+    }
+}
+
+impl ArchitectureConfig {
+    pub fn read(dir: &ModelDir) -> Result<Self> {
+        Self::from_json(&dir.read_config()?, &dir.config)
+    }
+
+    /// The family registered for `model_type` (BERT when absent, as old checkpoints omit it).
+    pub fn from_json(raw: &Value, path: &Path) -> Result<Self> {
+        let refuse = |field: &str, reason: String| RuntimeError::ModelConfig {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            reason,
+        };
+        let model_type = match raw.get("model_type") {
+            None => "bert",
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| refuse("model_type", format!("{v} is not a string")))?,
+        };
+        let Some((_, read)) = FAMILIES
+            .iter()
+            .find(|(types, _)| types.contains(&model_type))
+        else {
+            return Err(refuse(
+                "model_type",
+                format!("architecture '{model_type}' is not supported yet"),
+            ));
+        };
+        read(raw)
+            .map(Self)
+            .map_err(|(field, reason)| refuse(&field, reason))
+    }
+
+    pub fn family(&self) -> Family {
+        self.0.family()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.0.hidden_size()
+    }
+
+    pub fn max_positions(&self) -> Option<usize> {
+        self.0.max_positions()
+    }
+
+    pub fn task_adapters(&self) -> TaskAdapters {
+        self.0.task_adapters()
+    }
+}
+
+/// Builds the backbone `config` names from `dir`'s weights, held as `plan` runs it.
+pub fn load_backbone(
+    dir: &ModelDir,
+    config: &ArchitectureConfig,
+    plan: &ExecutionPlan,
+) -> Result<Box<dyn Backbone>> {
+    config.0.load(dir, plan)
+}
+
+/// The checkpoint's tensors on the plan's device in its storage dtype, with load errors naming
+/// the weights file.
+pub fn open_weights(dir: &ModelDir, plan: &ExecutionPlan) -> Result<VarBuilder<'static>> {
+    var_builder(&dir.weight_files, plan.storage, &plan.device).map_err(|e| {
+        RuntimeError::ModelFile {
+            path: dir.weights.clone(),
+            reason: format!("cannot read weights: {e}"),
+        }
     })
 }
 
@@ -84,44 +198,57 @@ pub(crate) fn weights_error(dir: &ModelDir, e: candle_core::Error) -> RuntimeErr
     }
 }
 
-/// Switches a loaded BERT-family encoder to `precision`.
-pub fn set_precision(model: &mut BertModel, precision: Precision) -> Result<()> {
-    match precision {
-        Precision::F32 => Ok(()),
-        Precision::Bf16 => model.use_bf16().map_err(|e| RuntimeError::Precision {
-            precision: precision.to_string(),
-            reason: e.to_string(),
-        }),
+/// Tensors from safetensors files (memory-mapped; several for a sharded checkpoint) or one
+/// PyTorch `.bin`.
+pub fn var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<VarBuilder<'static>> {
+    match files {
+        [single] if single.extension().is_none_or(|e| e != "safetensors") => {
+            VarBuilder::from_pth(single, dtype, device)
+        }
+        // SAFETY: the files are mapped read-only and embedd never writes to model files while
+        // serving.
+        _ => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) },
     }
 }
 
-pub trait Encoder: Send + Sync {
-    fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor>;
-    fn hidden_size(&self) -> usize;
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The activation names found in `hidden_act` of Hugging Face configs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-pub enum Activation {
-    /// Exact (erf) GELU, what BERT's "gelu" means.
-    #[serde(rename = "gelu")]
-    Gelu,
-    /// The tanh approximation.
-    #[serde(alias = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
-    GeluTanh,
-    #[serde(rename = "relu")]
-    Relu,
-    #[serde(alias = "silu", alias = "swish")]
-    Silu,
-}
+    #[test]
+    fn model_type_picks_the_family() {
+        let path = Path::new("config.json");
+        let bert = serde_json::json!({
+            "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 32,
+        });
+        let config = ArchitectureConfig::from_json(&bert, path).unwrap();
+        assert_eq!(config.family(), Family::Bert);
+        assert_eq!(config.max_positions(), Some(32));
+        let mut gpt = bert.clone();
+        gpt["model_type"] = "gpt2".into();
+        let err = ArchitectureConfig::from_json(&gpt, path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model_type") && err.contains("gpt2"), "{err}");
+    }
 
-impl Activation {
-    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Activation::Gelu => x.gelu_erf(),
-            Activation::GeluTanh => x.gelu(),
-            Activation::Relu => x.relu(),
-            Activation::Silu => x.silu(),
-        }
+    #[test]
+    fn tasks_select_adapters_and_instructions() {
+        let tasks = TaskAdapters {
+            names: vec!["a".into(), "b".into()],
+            instructions: [("b".to_string(), "B: ".to_string())].into(),
+        };
+        assert_eq!(tasks.select(None).unwrap(), (None, ""));
+        assert_eq!(tasks.select(Some("b")).unwrap(), (Some(1), "B: "));
+        assert!(tasks.select(Some("c")).is_err());
+        assert_eq!(
+            TaskAdapters::default().select(Some("c")).unwrap(),
+            (None, "")
+        );
     }
 }

@@ -7,8 +7,11 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::Encoder;
-use crate::batch::Batch;
+use super::{open_weights, weights_error, Backbone, Family, FamilyConfig};
+use crate::batch::{Hidden, PackedBatch};
+use crate::error::Result;
+use crate::model_dir::ModelDir;
+use crate::plan::ExecutionPlan;
 
 fn default_buckets() -> usize {
     32
@@ -39,6 +42,37 @@ pub struct T5Config {
     pub layer_norm_epsilon: f64,
     #[serde(default = "default_ff")]
     pub feed_forward_proj: String,
+}
+
+/// The family's registration.
+pub(super) fn read_config(
+    raw: &serde_json::Value,
+) -> std::result::Result<Box<dyn FamilyConfig>, (String, String)> {
+    let config: T5Config = serde_json::from_value(raw.clone())
+        .map_err(|e| ("(t5 config)".to_string(), e.to_string()))?;
+    Ok(Box::new(config))
+}
+
+impl FamilyConfig for T5Config {
+    fn family(&self) -> Family {
+        Family::T5Encoder
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.d_model
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
+
+    /// T5 runs on candle's graph: it has no fused kernels.
+    fn load(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
+        let plan = plan.without_fused_kernels("T5")?;
+        let model = T5EncoderModel::load(open_weights(dir, &plan)?, self)
+            .map_err(|e| weights_error(dir, e))?;
+        Ok(Box::new(model))
+    }
 }
 
 /// T5's layer norm: scale only, no mean removal, no bias.
@@ -254,8 +288,10 @@ pub fn relative_bucket(relative: i64, num_buckets: usize, max_distance: usize) -
     bucket as u32
 }
 
-impl Encoder for T5EncoderModel {
-    fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+impl Backbone for T5EncoderModel {
+    /// The graph executor only: T5 has no fused kernels.
+    fn forward(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
+        let batch = packed.padded(self.embed.embeddings().device())?;
         let mut x = self.embed.forward(&batch.input_ids)?;
         let mask = super::bert::attention_bias(&batch.attention_mask, x.dtype())?;
         let bias = self
@@ -265,7 +301,7 @@ impl Encoder for T5EncoderModel {
         for block in &self.blocks {
             x = block.forward(&x, &bias)?;
         }
-        self.final_norm.forward(&x)
+        Hidden::from_padded(&self.final_norm.forward(&x)?, packed)
     }
 
     fn hidden_size(&self) -> usize {

@@ -109,7 +109,7 @@ pub async fn start(
     };
     errors.into_result(())?;
 
-    let capabilities = state.models.get(&model)?.capabilities();
+    let capabilities = state.models.get(&model)?.capabilities.clone();
     if capabilities.kind != ModelKind::Embedding {
         return Err(field_error(
             "model",

@@ -2,7 +2,7 @@
 
 use axum::extract::State;
 use axum::Json;
-use embedd_api::{EmbedRequest, EmbedResponse, ValidationError, ValidationErrors};
+use embedd_api::{check_input_count, EmbedRequest, EmbedResponse, ValidationErrors};
 
 use crate::error::ApiError;
 use crate::extract::JsonBody;
@@ -26,17 +26,7 @@ pub async fn create(
     let lookup = state.models.embedder(&request.model)?;
     request.check_against(&lookup.capabilities)?;
     let model = lookup.checked()?;
-    let max = state.limits.max_client_batch_size;
-    if request.input.len() > max {
-        return Err(ValidationErrors::single(ValidationError::value(
-            vec!["body".into(), "input".into()],
-            format!(
-                "{} inputs in one request; at most {max} are accepted",
-                request.input.len()
-            ),
-        ))
-        .into());
-    }
+    check_input_count(request.input.len(), state.limits.max_client_batch_size)?;
 
     let texts = request.texts();
     let (truncate, late_chunking) = (request.truncate, request.late_chunking);

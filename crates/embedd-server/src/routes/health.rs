@@ -1,8 +1,12 @@
 //! `GET /` (the contract's health check), `GET /health`, `GET /v1/models`.
 
+use std::time::UNIX_EPOCH;
+
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use embedd_api::ModelList;
+use embedd_runtime::{HealthReport, WorkerState};
 use serde_json::{json, Value};
 
 use crate::state::AppState;
@@ -13,11 +17,51 @@ pub async fn root() -> Json<Value> {
     Json(json!({}))
 }
 
-/// Liveness with the served models.
-#[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, description = "Healthy", body = Object)))]
-pub async fn health(State(state): State<AppState>) -> Json<Value> {
-    let models: Vec<String> = state.models.cards().into_iter().map(|c| c.id).collect();
-    Json(json!({"status": "ok", "models": models}))
+/// The served models and each one's health: batches run, batches failed, panics caught, the
+/// last failure. 503 with `"status": "degraded"` when a model's worker has stopped.
+#[utoipa::path(get, path = "/health", tag = "health", responses(
+    (status = 200, description = "Every model is serving", body = Object),
+    (status = 503, description = "A model's worker has stopped", body = Object),
+))]
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let mut names = Vec::new();
+    let mut models = serde_json::Map::new();
+    let mut all_serving = true;
+    for served in state.models.iter() {
+        let report = served.health();
+        all_serving &= report.state == WorkerState::Serving;
+        names.push(served.capabilities.name.clone());
+        models.insert(served.capabilities.name.clone(), report_json(&report));
+    }
+    let (status, word) = if all_serving {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    };
+    (
+        status,
+        Json(json!({"status": word, "models": names, "model_health": models})),
+    )
+}
+
+fn report_json(report: &HealthReport) -> Value {
+    let incident = report.last_incident.as_ref().map(|i| {
+        json!({
+            "at_unix_secs": i.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            "error": i.error,
+            "panicked": i.panicked,
+        })
+    });
+    json!({
+        "status": match report.state {
+            WorkerState::Serving => "serving",
+            WorkerState::Stopped => "stopped",
+        },
+        "batches": report.batches,
+        "failed_batches": report.failed_batches,
+        "panics": report.panics,
+        "last_incident": incident,
+    })
 }
 
 /// The served models.

@@ -2,7 +2,9 @@
 
 use axum::extract::State;
 use axum::Json;
-use embedd_api::{InputType, MultiVectorRequest, MultiVectorResponse, ValidationErrors};
+use embedd_api::{
+    check_input_count, InputType, MultiVectorRequest, MultiVectorResponse, ValidationErrors,
+};
 use embedd_runtime::Side;
 
 use crate::error::ApiError;
@@ -52,6 +54,7 @@ async fn embed(
     let lookup = state.models.colbert(&request.model)?;
     request.check_against(&lookup.capabilities)?;
     let model = lookup.checked()?;
+    check_input_count(request.input.len(), state.limits.max_client_batch_size)?;
 
     let side = match request.input_type {
         InputType::Query => Side::Query,

@@ -1,0 +1,65 @@
+//! The one loading path every served kind shares: a model's files, its architecture config,
+//! its input limit, the execution plan and the backbone, the tokenizer.
+
+use crate::device::{DeviceSpec, Precision};
+use crate::error::Result;
+use crate::model_dir::{ModelDir, ModelSource};
+use crate::models::{load_backbone, ArchitectureConfig, Backbone};
+use crate::plan::ExecutionPlan;
+use crate::tokenize::{TextTokenizer, TokenSequence};
+
+/// The input length served when neither the catalog nor the model's files name one and the
+/// architecture has no position table (T5).
+const DEFAULT_MAX_TOKENS: usize = 512;
+
+/// A model's files and what its `config.json` says, read once.
+pub struct Checkpoint {
+    pub dir: ModelDir,
+    pub config: ArchitectureConfig,
+}
+
+/// A backbone ready to run, with the plan it was built for.
+pub struct LoadedBackbone {
+    pub plan: ExecutionPlan,
+    pub backbone: Box<dyn Backbone>,
+}
+
+impl Checkpoint {
+    /// Resolves the files (`extra` names optional ones to look for) and reads the config.
+    pub fn open(source: &ModelSource, extra: &[&str]) -> Result<Self> {
+        let dir = ModelDir::resolve(source, extra)?;
+        let config = ArchitectureConfig::read(&dir)?;
+        Ok(Self { dir, config })
+    }
+
+    /// The longest input served: what the catalog or command line asked for, else the model's
+    /// own sentence-transformers setting, else its position table's length; never past the
+    /// position table.
+    pub fn max_tokens(&self, requested: Option<usize>) -> usize {
+        let positions = self.config.max_positions();
+        requested
+            .or(self.dir.sentence_transformers.max_seq_length)
+            .or(positions)
+            .unwrap_or(DEFAULT_MAX_TOKENS)
+            .min(positions.unwrap_or(usize::MAX))
+    }
+
+    /// The plan for `device` and `precision`, and the backbone built under it.
+    pub fn load(&self, device: DeviceSpec, precision: Precision) -> Result<LoadedBackbone> {
+        let plan = ExecutionPlan::resolve(device, precision)?;
+        let backbone = load_backbone(&self.dir, &self.config, &plan)?;
+        Ok(LoadedBackbone { plan, backbone })
+    }
+
+    pub fn tokenizer(&self, max_tokens: usize) -> Result<TextTokenizer> {
+        TextTokenizer::from_file(&self.dir.tokenizer, max_tokens)
+    }
+}
+
+/// A short real input for the forward pass every model runs once at load, so a checkpoint that
+/// loads but cannot run fails at start-up rather than on the first request, and the first
+/// request does not pay for first-touch page faults.
+pub fn warm_up_sequence(tokenizer: &TextTokenizer) -> Result<TokenSequence> {
+    let mut sequences = tokenizer.encode_batch_flagged(&["warm-up".to_string()], true)?;
+    Ok(sequences.remove(0).0)
+}
