@@ -98,6 +98,15 @@ impl EmbedRequest {
                 body_loc("late_chunking"),
                 format!("model '{}' does not support late chunking", model.name),
             ));
+        } else if self.late_chunking && model.accepts_images {
+            for (i, item) in self.input.iter().enumerate() {
+                if matches!(item, InputItem::Image(_)) {
+                    errors.push(ValidationError::value(
+                        vec!["body".into(), "input".into(), i.into()],
+                        "late_chunking pools text inputs over a shared window; images cannot join it",
+                    ));
+                }
+            }
         }
         errors.into_result(())
     }

@@ -81,7 +81,6 @@ impl Task {
     }
 }
 
-/// The texts of items already checked to be text (images are skipped).
 /// A 422 on `input` when a request carries more inputs than the server takes in one request
 /// (`--max-client-batch-size`), for every route that takes a list of inputs.
 pub fn check_input_count(count: usize, max: usize) -> Result<(), ValidationErrors> {
@@ -94,6 +93,7 @@ pub fn check_input_count(count: usize, max: usize) -> Result<(), ValidationError
     )))
 }
 
+/// The texts of items already checked to be text (images are skipped).
 pub fn texts(items: &[InputItem]) -> Vec<String> {
     items
         .iter()
@@ -211,7 +211,10 @@ fn string_item(s: &str) -> InputItem {
 fn image_source(field: &str, s: &str) -> ImageSource {
     if s.starts_with("data:") {
         ImageSource::DataUri(s.to_string())
-    } else if field != "bytes" && (s.starts_with("http://") || s.starts_with("https://")) {
+    } else if field == "url"
+        || (field == "image" && (s.starts_with("http://") || s.starts_with("https://")))
+    {
+        // Whatever a `url` holds is fetched as a URL (other schemes are refused by name).
         ImageSource::Url(s.to_string())
     } else {
         ImageSource::Base64(s.to_string())

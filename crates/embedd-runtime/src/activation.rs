@@ -16,6 +16,9 @@ pub enum Activation {
     Relu,
     #[serde(alias = "silu", alias = "swish")]
     Silu,
+    /// CLIP's `x * sigmoid(1.702 x)`.
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
 }
 
 impl Activation {
@@ -26,6 +29,7 @@ impl Activation {
             Activation::GeluTanh => x.gelu(),
             Activation::Relu => x.relu(),
             Activation::Silu => x.silu(),
+            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         }
     }
 }

@@ -7,9 +7,13 @@ use crate::batch::PackedBatch;
 use crate::checkpoint::{warm_up_sequence, Checkpoint};
 use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
+use candle_core::{Module, Tensor};
+use candle_nn::Linear;
+
 use crate::heads::Pooling;
+use crate::images::{decode, ImageError, ImageProcessor};
 use crate::model_dir::ModelSource;
-use crate::models::{Backbone, TaskAdapters};
+use crate::models::{Backbone, ImageTower, TaskAdapters};
 use crate::scheduler::{BatchScheduler, HealthReport, Priority, SchedulerConfig, TokenCost};
 use crate::tokenize::{BareEncoding, TextTokenizer, TokenSequence};
 
@@ -44,6 +48,21 @@ impl TokenCost for EncodeItem {
     }
 }
 
+/// One image, decoded and preprocessed, ready for the image tower.
+#[derive(Debug, Clone)]
+pub struct PixelItem {
+    /// `[3, side, side]`, channel first.
+    pub pixels: Vec<f32>,
+    /// What the tower runs per image (patches and class token): its batching cost.
+    pub tokens: usize,
+}
+
+impl TokenCost for PixelItem {
+    fn tokens(&self) -> usize {
+        self.tokens
+    }
+}
+
 /// Raw pooled vectors (not normalized, full size) in input order, and the tokens run.
 #[derive(Debug, Clone)]
 pub struct Embedded {
@@ -60,20 +79,45 @@ pub struct TextEmbedder {
     pooling: Pooling,
     tasks: TaskAdapters,
     plan: String,
+    images: Option<ImageServing>,
+}
+
+/// The image side of a text-image model: its tower behind a scheduler of its own.
+struct ImageServing {
+    scheduler: BatchScheduler<PixelItem, Vec<f32>>,
+    processor: ImageProcessor,
+    tokens_per_image: usize,
 }
 
 impl TextEmbedder {
     pub fn load(spec: &EmbedderSpec) -> Result<Self> {
-        let checkpoint = Checkpoint::open(&spec.source, &[])?;
+        let checkpoint = Checkpoint::open(&spec.source, &[PREPROCESSOR_CONFIG])?;
         let loaded = checkpoint.load(spec.device, spec.precision)?;
         let max_tokens = checkpoint.max_tokens(spec.max_tokens);
-        let st = &checkpoint.dir.sentence_transformers;
+        let (dir, config) = (&checkpoint.dir, &checkpoint.config);
+        let images = match config.load_image_tower(dir, &loaded.plan)? {
+            Some(tower) => {
+                let side = tower.image_size() as u32;
+                let processor = match dir.extra_file(PREPROCESSOR_CONFIG) {
+                    Some(path) => ImageProcessor::from_file(path, side)?,
+                    None => ImageProcessor::clip(side),
+                };
+                Some(ImageParts { tower, processor })
+            }
+            None => None,
+        };
         let parts = EmbedderParts {
             tokenizer: checkpoint.tokenizer(max_tokens)?,
             backbone: loaded.backbone,
-            pooling: spec.pooling.or(st.pooling).unwrap_or(Pooling::Mean),
-            tasks: checkpoint.config.task_adapters(),
+            pooling: spec
+                .pooling
+                .or(dir.sentence_transformers.pooling)
+                .or(config.default_pooling())
+                .unwrap_or(Pooling::Mean),
+            tasks: config.task_adapters(),
             plan: loaded.plan.to_string(),
+            text_projection: config.text_projection(dir, &loaded.plan)?,
+            images,
         };
         Self::from_parts(&spec.name, spec.source.clone(), spec.scheduler, parts)
     }
@@ -92,12 +136,21 @@ impl TextEmbedder {
             pooling,
             tasks,
             plan,
+            text_projection,
+            images,
         } = parts;
-        let dimensions = backbone.hidden_size();
+        let dimensions = match &text_projection {
+            Some(p) => p.weight().dim(0)?,
+            None => backbone.hidden_size(),
+        };
         let backbone: Arc<dyn Backbone> = Arc::from(backbone);
         let pad_id = tokenizer.pad_id();
         let run = move |items: &[&EncodeItem]| -> Result<Vec<Vec<Vec<f32>>>> {
-            Ok(encode_batch(backbone.as_ref(), pooling, pad_id, items)?)
+            let pooled = encode_batch(backbone.as_ref(), pooling, pad_id, items)?;
+            match &text_projection {
+                Some(projection) => Ok(project(projection, pooled)?),
+                None => Ok(pooled),
+            }
         };
         let warm_up = EncodeItem {
             sequence: warm_up_sequence(&tokenizer)?,
@@ -106,10 +159,13 @@ impl TextEmbedder {
             adapter: None,
         };
         run(&[&warm_up])?;
+        let images = images
+            .map(|parts| ImageServing::start(name, scheduler, parts))
+            .transpose()?;
         let scheduler = BatchScheduler::new(name, scheduler, Box::new(run));
         tracing::info!(
             model = %name, %source, dimensions, max_tokens = tokenizer.max_tokens(), ?pooling,
-            tasks = ?tasks.names, %plan, "embedding model loaded"
+            tasks = ?tasks.names, %plan, images = images.is_some(), "embedding model loaded"
         );
         Ok(Self {
             name: name.to_string(),
@@ -120,7 +176,65 @@ impl TextEmbedder {
             pooling,
             tasks,
             plan,
+            images,
         })
+    }
+
+    /// Whether the model embeds images too (into the space its texts share).
+    pub fn accepts_images(&self) -> bool {
+        self.images.is_some()
+    }
+
+    /// Decodes and preprocesses each image (bytes as fetched or sent); each one's own failure in
+    /// its place. CPU-bound: call it off the async runtime.
+    pub fn prepare_images(
+        &self,
+        images: &[Vec<u8>],
+        max_pixels: u64,
+    ) -> Vec<Result<PixelItem, ImageError>> {
+        let Some(serving) = &self.images else {
+            return images
+                .iter()
+                .map(|_| {
+                    Err(ImageError::Undecodable(
+                        "this model embeds text only".into(),
+                    ))
+                })
+                .collect();
+        };
+        images
+            .iter()
+            .map(|bytes| {
+                let image = decode(bytes, max_pixels)?;
+                Ok(PixelItem {
+                    pixels: serving.processor.preprocess(&image)?,
+                    tokens: serving.tokens_per_image,
+                })
+            })
+            .collect()
+    }
+
+    /// [`Self::embed_images`], answering nothing for no images (also on text-only models).
+    pub async fn embed_images_if_any(&self, items: Vec<PixelItem>) -> Result<Embedded> {
+        if items.is_empty() {
+            return Ok(Embedded {
+                vectors: Vec::new(),
+                tokens: 0,
+            });
+        }
+        self.embed_images(items).await
+    }
+
+    /// Runs prepared images through the image tower's scheduler; one vector per image, in order.
+    pub async fn embed_images(&self, items: Vec<PixelItem>) -> Result<Embedded> {
+        let serving = self.images.as_ref().ok_or_else(|| {
+            RuntimeError::Inference(candle_core::Error::Msg(
+                "this model embeds text only".into(),
+            ))
+        })?;
+        let tokens = items.iter().map(|i| i.tokens).sum();
+        let vectors = serving.scheduler.submit(items).await?;
+        Ok(Embedded { vectors, tokens })
     }
 
     pub fn name(&self) -> &str {
@@ -284,6 +398,9 @@ fn close_window(
     }
 }
 
+/// The optional file holding a text-image model's image preprocessing.
+const PREPROCESSOR_CONFIG: &str = "preprocessor_config.json";
+
 /// What a served embedding model is made of.
 pub struct EmbedderParts {
     pub tokenizer: TextTokenizer,
@@ -292,6 +409,78 @@ pub struct EmbedderParts {
     pub tasks: TaskAdapters,
     /// The execution plan, in words, for the logs.
     pub plan: String,
+    /// Into the space text and images share (CLIP's `text_projection`), after pooling.
+    pub text_projection: Option<Linear>,
+    pub images: Option<ImageParts>,
+}
+
+/// A text-image model's image side.
+pub struct ImageParts {
+    pub tower: Box<dyn ImageTower>,
+    pub processor: ImageProcessor,
+}
+
+impl ImageServing {
+    /// Warms the tower up on a grey image, then puts it behind its own scheduler (images cost
+    /// their patch count, so a batch holds as many as the token budget allows).
+    fn start(name: &str, config: SchedulerConfig, parts: ImageParts) -> Result<Self> {
+        let ImageParts { tower, processor } = parts;
+        let tokens_per_image = tower.tokens_per_image();
+        let run = move |items: &[&PixelItem]| -> Result<Vec<Vec<f32>>> {
+            let Some(first) = items.first() else {
+                return Ok(Vec::new());
+            };
+            let side = ((first.pixels.len() / 3) as f64).sqrt() as usize;
+            let flat: Vec<f32> = items
+                .iter()
+                .flat_map(|i| i.pixels.iter().copied())
+                .collect();
+            let pixels = Tensor::from_vec(
+                flat,
+                (items.len(), 3, side, side),
+                &candle_core::Device::Cpu,
+            )?;
+            Ok(tower.embed(&pixels)?.to_vec2()?)
+        };
+        let grey = image::RgbImage::from_pixel(8, 8, image::Rgb([128, 128, 128]));
+        let warm_up = PixelItem {
+            pixels: processor
+                .preprocess(&grey)
+                .map_err(|e| RuntimeError::Inference(candle_core::Error::Msg(e.to_string())))?,
+            tokens: tokens_per_image,
+        };
+        run(&[&warm_up])?;
+        Ok(Self {
+            scheduler: BatchScheduler::new(&format!("{name}-images"), config, Box::new(run)),
+            processor,
+            tokens_per_image,
+        })
+    }
+}
+
+/// Each pooled text vector through the projection into the shared space.
+fn project(
+    projection: &Linear,
+    pooled: Vec<Vec<Vec<f32>>>,
+) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
+    let weight = projection.weight();
+    pooled
+        .into_iter()
+        .map(|vectors| {
+            let rows = vectors.len();
+            if rows == 0 {
+                return Ok(vectors);
+            }
+            let dim = vectors[0].len();
+            let flat: Vec<f32> = vectors.into_iter().flatten().collect();
+            let x =
+                Tensor::from_vec(flat, (rows, dim), weight.device())?.to_dtype(weight.dtype())?;
+            projection
+                .forward(&x)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2()
+        })
+        .collect()
 }
 
 /// One batch through the backbone and pooling; runs on the scheduler's worker thread.

@@ -22,6 +22,7 @@ pub mod device;
 pub mod embedder;
 pub mod error;
 pub mod heads;
+pub mod images;
 pub mod kernels;
 pub mod model_dir;
 pub mod models;

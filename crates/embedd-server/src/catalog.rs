@@ -106,6 +106,7 @@ impl Catalog {
                 )))
             }
         };
+        let catalog_weights = entry.filter(|_| explicit_source.is_none());
         let pooling = entry
             .and_then(|e| e.pooling.as_deref())
             .map(str::parse)
@@ -114,11 +115,13 @@ impl Catalog {
         Ok(ModelChoice {
             name: name.to_string(),
             kind: entry.map(|e| e.kind),
-            architecture: entry.map(|e| e.architecture),
+            // What the catalog says of its own weights; a source given on the command line may
+            // be another model served under the same name.
+            architecture: catalog_weights.map(|e| e.architecture),
             source,
             pooling,
             max_tokens: entry.and_then(|e| e.max_tokens),
-            dimensions: entry.and_then(|e| e.dimensions),
+            dimensions: catalog_weights.and_then(|e| e.dimensions),
         })
     }
 }

@@ -91,6 +91,23 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_MAX_QUEUED_INPUTS", default_value_t = 65_536)]
     pub max_queued_inputs: usize,
 
+    /// Largest image an `{url}` input may fetch, in bytes.
+    #[arg(long, env = "EMBEDD_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_image_bytes: usize,
+
+    /// Most pixels (width x height) an image may have; checked from its header, before decoding.
+    #[arg(long, env = "EMBEDD_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    pub max_image_pixels: u64,
+
+    /// How long fetching one image URL may take, redirects included, in seconds.
+    #[arg(long, env = "EMBEDD_IMAGE_FETCH_TIMEOUT_SECS", default_value_t = 10)]
+    pub image_fetch_timeout_secs: u64,
+
+    /// Fetch image URLs that resolve to loopback, private, link-local, CGNAT, multicast or
+    /// metadata addresses (refused by default: server-side request forgery).
+    #[arg(long, env = "EMBEDD_ALLOW_PRIVATE_IMAGE_URLS")]
+    pub allow_private_image_urls: bool,
+
     /// Largest bulk-embeddings upload, in bytes (larger: 413).
     #[arg(long, env = "EMBEDD_MAX_UPLOAD_BYTES", default_value_t = 100 * 1024 * 1024)]
     pub max_upload_bytes: usize,

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod images;
 pub mod metrics;
 pub mod routes;
 pub mod state;
@@ -55,8 +56,14 @@ pub fn state_with_models(config: &Config, registry: ModelRegistry) -> anyhow::Re
             max_client_batch_size: config.max_client_batch_size,
             max_rerank_documents: config.max_rerank_documents,
             max_upload_bytes: config.max_upload_bytes,
+            max_image_pixels: config.max_image_pixels,
         },
         bulk: Arc::new(bulk::BulkState::open(config)?),
+        images: images::ImageFetcher::new(images::FetchLimits {
+            max_bytes: config.max_image_bytes,
+            timeout: std::time::Duration::from_secs(config.image_fetch_timeout_secs.max(1)),
+            allow_private: config.allow_private_image_urls,
+        })?,
     })
 }
 

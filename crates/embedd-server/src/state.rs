@@ -33,8 +33,10 @@ impl Served {
                     kind: ModelKind::Embedding,
                     dimensions: m.dimensions(),
                     max_input_tokens: m.max_tokens(),
-                    accepts_images: false,
-                    supports_late_chunking: true,
+                    accepts_images: m.accepts_images(),
+                    // Late chunking pools spans of a text encoder's window; a text-image
+                    // model's text vector is one token's.
+                    supports_late_chunking: !m.accepts_images(),
                     tasks: m.tasks().to_vec(),
                 },
                 m.source().to_string(),
@@ -189,6 +191,7 @@ pub struct Limits {
     pub max_client_batch_size: usize,
     pub max_rerank_documents: usize,
     pub max_upload_bytes: usize,
+    pub max_image_pixels: u64,
 }
 
 #[derive(Clone)]
@@ -197,4 +200,5 @@ pub struct AppState {
     pub api_keys: Arc<Vec<String>>,
     pub limits: Limits,
     pub bulk: Arc<crate::bulk::BulkState>,
+    pub images: crate::images::ImageFetcher,
 }

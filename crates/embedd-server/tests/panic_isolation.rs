@@ -79,6 +79,8 @@ async fn a_panicking_batch_fails_alone_and_health_reports_it() {
             pooling: Pooling::Mean,
             tasks: TaskAdapters::default(),
             plan: "test".into(),
+            text_projection: None,
+            images: None,
         },
     )
     .unwrap();

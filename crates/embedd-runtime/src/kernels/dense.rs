@@ -145,6 +145,7 @@ simd_function! {
                 Some(Activation::GeluTanh) => row.iter_mut().for_each(|v| *v = math::gelu_tanh(*v)),
                 Some(Activation::Relu) => row.iter_mut().for_each(|v| *v = math::relu(*v)),
                 Some(Activation::Silu) => row.iter_mut().for_each(|v| *v = math::silu(*v)),
+                Some(Activation::QuickGelu) => row.iter_mut().for_each(|v| *v = math::quick_gelu(*v)),
             }
         }
     }
@@ -197,6 +198,11 @@ simd_function! {
                 Activation::Silu => {
                     for ((o, g), v) in row.iter_mut().zip(gate).zip(value) {
                         *o = math::silu(*g) * v;
+                    }
+                }
+                Activation::QuickGelu => {
+                    for ((o, g), v) in row.iter_mut().zip(gate).zip(value) {
+                        *o = math::quick_gelu(*g) * v;
                     }
                 }
             }

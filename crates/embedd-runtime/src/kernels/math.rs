@@ -88,6 +88,12 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// CLIP's sigmoid approximation of GELU: `x * sigmoid(1.702 x)`.
+#[inline(always)]
+pub fn quick_gelu(x: f32) -> f32 {
+    x / (1.0 + exp(-1.702 * x))
+}
+
 #[inline(always)]
 pub fn relu(x: f32) -> f32 {
     x.max(0.0)

@@ -7,6 +7,7 @@
 //! [`Family`]).
 
 pub mod bert;
+pub mod clip;
 pub mod dense;
 pub mod lora;
 pub mod t5;
@@ -14,13 +15,14 @@ pub mod t5;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::batch::{Hidden, PackedBatch};
 use crate::error::{Result, RuntimeError};
+use crate::heads::Pooling;
 use crate::model_dir::ModelDir;
 use crate::plan::ExecutionPlan;
 
@@ -33,6 +35,16 @@ pub use t5::{T5Config, T5EncoderModel};
 pub trait Backbone: Send + Sync {
     fn forward(&self, batch: &PackedBatch) -> candle_core::Result<Hidden>;
     fn hidden_size(&self) -> usize;
+}
+
+/// An image encoder: normalized pixels `[n, channels, side, side]` in, one float32 vector per
+/// image out, in the space its family's text vectors share.
+pub trait ImageTower: Send + Sync {
+    fn embed(&self, pixels: &Tensor) -> candle_core::Result<Tensor>;
+    /// The square input side, in pixels, the tower was built for.
+    fn image_size(&self) -> usize;
+    /// Tokens one image costs the tower (patches and class token): its batching cost.
+    fn tokens_per_image(&self) -> usize;
 }
 
 /// What a family's resolved `config.json` tells the rest of the runtime, and how it builds its
@@ -48,8 +60,26 @@ pub trait FamilyConfig: std::fmt::Debug + Send + Sync {
     fn task_adapters(&self) -> TaskAdapters {
         TaskAdapters::default()
     }
-    /// Builds the backbone from `dir`'s weights, held as `plan` runs it.
+    /// The pooling the architecture implies, where it implies one (CLIP: the end-of-text
+    /// token); the model's sentence-transformers files and the catalog override it.
+    fn default_pooling(&self) -> Option<Pooling> {
+        None
+    }
+    /// Builds the (text) backbone from `dir`'s weights, held as `plan` runs it.
     fn load(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>>;
+    /// The projection from pooled text vectors into a shared text-image space, if the family
+    /// has one.
+    fn text_projection(&self, _dir: &ModelDir, _plan: &ExecutionPlan) -> Result<Option<Linear>> {
+        Ok(None)
+    }
+    /// The image encoder, if the family has one.
+    fn load_image_tower(
+        &self,
+        _dir: &ModelDir,
+        _plan: &ExecutionPlan,
+    ) -> Result<Option<Box<dyn ImageTower>>> {
+        Ok(None)
+    }
 }
 
 /// Reads a family's config from `config.json`; a refusal names the field and why.
@@ -62,6 +92,7 @@ pub const FAMILIES: &[(&[&str], ReadConfig)] = &[
         bert::read_config,
     ),
     (&["t5"], t5::read_config),
+    (&["clip"], clip::read_config),
 ];
 
 /// A checkpoint's architecture, from `config.json`, resolved once at load.
@@ -78,6 +109,7 @@ pub enum Family {
     JinaBertQkPostNorm,
     XlmRobertaLora,
     T5Encoder,
+    Clip,
 }
 
 impl Family {
@@ -89,6 +121,7 @@ impl Family {
             Family::JinaBertQkPostNorm => "jina-bert-qk-post-norm",
             Family::XlmRobertaLora => "xlm-roberta-lora",
             Family::T5Encoder => "t5-encoder",
+            Family::Clip => "clip",
         }
     }
 }
@@ -167,6 +200,22 @@ impl ArchitectureConfig {
 
     pub fn task_adapters(&self) -> TaskAdapters {
         self.0.task_adapters()
+    }
+
+    pub fn default_pooling(&self) -> Option<Pooling> {
+        self.0.default_pooling()
+    }
+
+    pub fn text_projection(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Option<Linear>> {
+        self.0.text_projection(dir, plan)
+    }
+
+    pub fn load_image_tower(
+        &self,
+        dir: &ModelDir,
+        plan: &ExecutionPlan,
+    ) -> Result<Option<Box<dyn ImageTower>>> {
+        self.0.load_image_tower(dir, plan)
     }
 }
 

@@ -1,0 +1,394 @@
+//! CLIP (Radford et al., 2021) in the transformers layout (`CLIPModel`): a causal text
+//! transformer whose end-of-text token, projected, is the text's vector, and a ViT whose class
+//! token, normalized and projected, is the image's; both in one shared space. Pre-LayerNorm
+//! blocks with quick-GELU feed-forwards throughout. Runs on candle's graph.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::{open_weights, weights_error, Backbone, Family, FamilyConfig, ImageTower};
+use crate::activation::Activation;
+use crate::batch::{Hidden, PackedBatch};
+use crate::error::Result;
+use crate::heads::Pooling;
+use crate::model_dir::ModelDir;
+use crate::plan::ExecutionPlan;
+
+fn default_act() -> Activation {
+    Activation::QuickGelu
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_channels() -> usize {
+    3
+}
+
+/// One tower's sizes (`text_config` or `vision_config`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TowerConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Text: the position table's length (77).
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    /// Vision: the input's side in pixels and the patch side.
+    #[serde(default)]
+    pub image_size: Option<usize>,
+    #[serde(default)]
+    pub patch_size: Option<usize>,
+    #[serde(default = "default_channels")]
+    pub num_channels: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    pub text_config: TowerConfig,
+    pub vision_config: TowerConfig,
+    pub projection_dim: usize,
+}
+
+/// The family's registration.
+pub(super) fn read_config(
+    raw: &serde_json::Value,
+) -> std::result::Result<Box<dyn FamilyConfig>, (String, String)> {
+    let config: ClipConfig = serde_json::from_value(raw.clone())
+        .map_err(|e| ("(clip config)".to_string(), e.to_string()))?;
+    let missing = |field: &str| Err((field.to_string(), "missing".to_string()));
+    if config.text_config.max_position_embeddings.is_none() {
+        return missing("text_config.max_position_embeddings");
+    }
+    if config.text_config.vocab_size.is_none() {
+        return missing("text_config.vocab_size");
+    }
+    match (
+        config.vision_config.image_size,
+        config.vision_config.patch_size,
+    ) {
+        (Some(image), Some(patch)) if patch > 0 && image.is_multiple_of(patch) => {}
+        _ => {
+            return Err((
+                "vision_config.image_size".into(),
+                "image_size and patch_size must be set, the image a whole number of patches".into(),
+            ))
+        }
+    }
+    for (tower, c) in [
+        ("text_config", &config.text_config),
+        ("vision_config", &config.vision_config),
+    ] {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            return Err((
+                format!("{tower}.num_attention_heads"),
+                "does not divide hidden_size".into(),
+            ));
+        }
+    }
+    Ok(Box::new(config))
+}
+
+impl FamilyConfig for ClipConfig {
+    fn family(&self) -> Family {
+        Family::Clip
+    }
+
+    /// The shared space's size: what both towers' projections give.
+    fn hidden_size(&self) -> usize {
+        self.projection_dim
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        self.text_config.max_position_embeddings
+    }
+
+    /// The text's vector is its end-of-text token's, the last one of every tokenized input.
+    fn default_pooling(&self) -> Option<Pooling> {
+        Some(Pooling::LastToken)
+    }
+
+    fn load(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
+        let plan = plan.without_fused_kernels("CLIP")?;
+        let vb = open_weights(dir, &plan)?;
+        let text = ClipTextTransformer::load(vb.pp("text_model"), &self.text_config)
+            .map_err(|e| weights_error(dir, e))?;
+        Ok(Box::new(text))
+    }
+
+    fn text_projection(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Option<Linear>> {
+        let plan = plan.without_fused_kernels("CLIP")?;
+        let vb = open_weights(dir, &plan)?;
+        let weight = vb
+            .get(
+                (self.projection_dim, self.text_config.hidden_size),
+                "text_projection.weight",
+            )
+            .map_err(|e| weights_error(dir, e))?;
+        Ok(Some(Linear::new(weight, None)))
+    }
+
+    fn load_image_tower(
+        &self,
+        dir: &ModelDir,
+        plan: &ExecutionPlan,
+    ) -> Result<Option<Box<dyn ImageTower>>> {
+        let plan = plan.without_fused_kernels("CLIP")?;
+        let vb = open_weights(dir, &plan)?;
+        let tower = ClipVisionTower::load(&vb, &self.vision_config, self.projection_dim)
+            .map_err(|e| weights_error(dir, e))?;
+        Ok(Some(Box::new(tower)))
+    }
+}
+
+struct ClipAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl ClipAttention {
+    fn load(vb: VarBuilder, c: &TowerConfig) -> candle_core::Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
+            k: candle_nn::linear(h, h, vb.pp("k_proj"))?,
+            v: candle_nn::linear(h, h, vb.pp("v_proj"))?,
+            out: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            head_dim: h / c.num_attention_heads,
+        })
+    }
+
+    /// `bias` is added to the scores (`[batch or 1, 1, seq, seq]`), if any.
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = split((self.q.forward(x)? * scale)?)?;
+        let k = split(self.k.forward(x)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+        self.out.forward(&context)
+    }
+}
+
+/// A pre-LayerNorm block: `x + attn(ln1(x))`, then `+ mlp(ln2(.))`.
+struct ClipLayer {
+    layer_norm1: LayerNorm,
+    attention: ClipAttention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl ClipLayer {
+    fn load(vb: VarBuilder, c: &TowerConfig) -> candle_core::Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            layer_norm1: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            attention: ClipAttention::load(vb.pp("self_attn"), c)?,
+            layer_norm2: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(h, i, vb.pp("mlp.fc1"))?,
+            fc2: candle_nn::linear(i, h, vb.pp("mlp.fc2"))?,
+            activation: c.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let x = (x + self
+            .attention
+            .forward(&self.layer_norm1.forward(x)?, bias)?)?;
+        let inner = self
+            .activation
+            .apply(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?;
+        &x + self.fc2.forward(&inner)?
+    }
+}
+
+fn layers(vb: VarBuilder, c: &TowerConfig) -> candle_core::Result<Vec<ClipLayer>> {
+    (0..c.num_hidden_layers)
+        .map(|i| ClipLayer::load(vb.pp(format!("encoder.layers.{i}")), c))
+        .collect()
+}
+
+/// The text tower up to its final LayerNorm: one vector per token.
+pub struct ClipTextTransformer {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<ClipLayer>,
+    final_layer_norm: LayerNorm,
+    hidden_size: usize,
+}
+
+impl ClipTextTransformer {
+    fn load(vb: VarBuilder, c: &TowerConfig) -> candle_core::Result<Self> {
+        let h = c.hidden_size;
+        let vocab = c.vocab_size.unwrap_or_default();
+        let positions = c.max_position_embeddings.unwrap_or_default();
+        Ok(Self {
+            token_embedding: candle_nn::embedding(vocab, h, vb.pp("embeddings.token_embedding"))?,
+            position_embedding: candle_nn::embedding(
+                positions,
+                h,
+                vb.pp("embeddings.position_embedding"),
+            )?,
+            layers: layers(vb.clone(), c)?,
+            final_layer_norm: candle_nn::layer_norm(
+                h,
+                c.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
+            hidden_size: h,
+        })
+    }
+}
+
+impl Backbone for ClipTextTransformer {
+    fn forward(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
+        let device = self.token_embedding.embeddings().device().clone();
+        let dtype = self.token_embedding.embeddings().dtype();
+        let batch = packed.padded(&device)?;
+        let l = batch.max_len;
+        let positions = Tensor::arange(0u32, l as u32, &device)?;
+        let mut x = self
+            .token_embedding
+            .forward(&batch.input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        // Causal, as the text tower was trained; right padding is then never attended by a
+        // real token, and padded rows are dropped by the packing below.
+        let bias = causal_bias(l, dtype, &device)?
+            .broadcast_add(&super::bert::attention_bias(&batch.attention_mask, dtype)?)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, Some(&bias))?;
+        }
+        Hidden::from_padded(&self.final_layer_norm.forward(&x)?, packed)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+}
+
+/// `[1, 1, len, len]`: 0 on and below the diagonal, a large negative number above it.
+fn causal_bias(len: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let floor = if dtype == DType::F16 { -3.0e4 } else { -1.0e30 };
+    let values: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { floor } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (1, 1, len, len), device)?.to_dtype(dtype)
+}
+
+/// The vision tower with its projection: pixels in, one vector per image in the shared space.
+pub struct ClipVisionTower {
+    patch_embedding: Conv2d,
+    class_embedding: Tensor,
+    position_embedding: Embedding,
+    pre_layernorm: LayerNorm,
+    layers: Vec<ClipLayer>,
+    post_layernorm: LayerNorm,
+    projection: Linear,
+    image_size: usize,
+    patch_size: usize,
+}
+
+impl ClipVisionTower {
+    fn load(
+        root: &VarBuilder,
+        c: &TowerConfig,
+        projection_dim: usize,
+    ) -> candle_core::Result<Self> {
+        let vb = root.pp("vision_model");
+        let h = c.hidden_size;
+        let image_size = c.image_size.unwrap_or_default();
+        let patch_size = c.patch_size.unwrap_or(1);
+        let patches = (image_size / patch_size).pow(2);
+        let conv = Conv2dConfig {
+            stride: patch_size,
+            ..Default::default()
+        };
+        let embeddings = vb.pp("embeddings");
+        Ok(Self {
+            patch_embedding: candle_nn::conv2d_no_bias(
+                c.num_channels,
+                h,
+                patch_size,
+                conv,
+                embeddings.pp("patch_embedding"),
+            )?,
+            class_embedding: embeddings.get(h, "class_embedding")?,
+            position_embedding: candle_nn::embedding(
+                patches + 1,
+                h,
+                embeddings.pp("position_embedding"),
+            )?,
+            // The checkpoint's own spelling.
+            pre_layernorm: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            layers: layers(vb.clone(), c)?,
+            post_layernorm: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("post_layernorm"))?,
+            projection: Linear::new(
+                root.get((projection_dim, h), "visual_projection.weight")?,
+                None,
+            ),
+            image_size,
+            patch_size,
+        })
+    }
+}
+
+impl ImageTower for ClipVisionTower {
+    fn embed(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = self.class_embedding.dtype();
+        let n = pixels.dim(0)?;
+        let patches = self
+            .patch_embedding
+            .forward(
+                &pixels
+                    .to_device(self.class_embedding.device())?
+                    .to_dtype(dtype)?,
+            )? // [n, h, g, g]
+            .flatten_from(2)?
+            .transpose(1, 2)?; // [n, g*g, h]
+        let h = patches.dim(D::Minus1)?;
+        let class = self.class_embedding.reshape((1, 1, h))?.repeat((n, 1, 1))?;
+        let tokens = Tensor::cat(&[&class, &patches], 1)?;
+        let positions = Tensor::arange(0u32, tokens.dim(1)? as u32, tokens.device())?;
+        let mut x = tokens.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        x = self.pre_layernorm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, None)?;
+        }
+        let pooled = self
+            .post_layernorm
+            .forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        self.projection.forward(&pooled)?.to_dtype(DType::F32)
+    }
+
+    fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    fn tokens_per_image(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2) + 1
+    }
+}
