@@ -278,6 +278,19 @@ fn jobs_belong_to_their_key_and_links_are_signed() {
         .json::<Value>()
         .unwrap();
     let url = link["download_url"].as_str().unwrap().to_string();
+    // The link's host is the server's own, whatever Host header the request carried.
+    assert!(url.starts_with(&server.base), "{url}");
+    let crafted = server
+        .client
+        .post(server.url(&format!("/v1/bulk-embeddings/{id}/download-result")))
+        .bearer_auth("alice")
+        .header("host", "evil.example")
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap();
+    let crafted = crafted["download_url"].as_str().unwrap();
+    assert!(crafted.starts_with(&server.base), "{crafted}");
     // no API key needed for the signed link itself
     assert_eq!(reqwest::blocking::get(&url).unwrap().status().as_u16(), 200);
     let tampered = url.replace("signature=", "signature=00");

@@ -82,6 +82,59 @@ fn unknown_routes_and_methods_have_a_detail() {
 }
 
 #[test]
+fn extractor_rejections_and_cut_bodies_have_a_json_detail() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let detail_of = |resp: reqwest::blocking::Response| -> (u16, Value) {
+        let status = resp.status().as_u16();
+        let is_json = resp.headers().get("content-type").is_some_and(|v| {
+            v.to_str()
+                .unwrap_or_default()
+                .starts_with("application/json")
+        });
+        let body: Value = resp.json().unwrap_or(Value::Null);
+        assert!(is_json && body["detail"].is_string(), "{status}: {body}");
+        (status, body)
+    };
+    let upload = server.url("/v1/bulk-embeddings");
+    let no_boundary = server
+        .client
+        .post(&upload)
+        .header("content-type", "multipart/form-data")
+        .body("x")
+        .send()
+        .unwrap();
+    assert_eq!(detail_of(no_boundary).0, 400);
+    let json_upload = server
+        .client
+        .post(&upload)
+        .json(&json!({"file": "x"}))
+        .send()
+        .unwrap();
+    assert!((400..500).contains(&detail_of(json_upload).0));
+    for path in [
+        "/v1/bulk-embeddings/%FF%FE",
+        "/v1/bulk-embeddings/abc/result",
+        "/v1/bulk-embeddings/abc/result?expires=999999999999999999999999&signature=x",
+    ] {
+        let resp = server.client.get(server.url(path)).send().unwrap();
+        let (status, body) = detail_of(resp);
+        assert!((400..500).contains(&status), "{path}: {status} {body}");
+    }
+    // A body shorter than its Content-Length, the sender done writing: 400, not 500.
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .write_all(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\": ")
+        .unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("\"detail\""), "{reply}");
+}
+
+#[test]
 fn api_keys_guard_the_api_but_not_health() {
     let server = Server::start(&["--api-key", "k1,k2"]);
     let body = json!({"model": MODEL, "input": "secret"});

@@ -22,6 +22,10 @@ pub struct BulkState {
     pub config: WorkerConfig,
     pub url_ttl: Duration,
     pub public_url: Option<String>,
+    /// The address the server listens on, for download links when `--public-url` is unset.
+    pub listen_url: std::sync::OnceLock<String>,
+    /// Build download links from the request's `Host` header (`--trust-host-header`).
+    pub trust_host_header: bool,
 }
 
 impl BulkState {
@@ -44,7 +48,22 @@ impl BulkState {
                 .public_url
                 .as_ref()
                 .map(|u| u.trim_end_matches('/').to_string()),
+            listen_url: std::sync::OnceLock::new(),
+            trust_host_header: config.trust_host_header,
         })
+    }
+
+    /// Records the bound address for download links; an unspecified one (0.0.0.0) becomes
+    /// loopback, which only this machine reaches, so a deployment sets `--public-url`.
+    pub fn set_listen_address(&self, addr: std::net::SocketAddr) {
+        let mut addr = addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            if self.public_url.is_none() && !self.trust_host_header {
+                tracing::warn!(%addr, "download links point at {addr}: set --public-url for clients elsewhere");
+            }
+        }
+        let _ = self.listen_url.set(format!("http://{addr}"));
     }
 
     pub fn worker(&self, models: Arc<ModelRegistry>) -> BulkWorker {

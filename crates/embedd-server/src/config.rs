@@ -129,9 +129,15 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_DOWNLOAD_URL_TTL_SECS", default_value_t = 3600)]
     pub download_url_ttl_secs: u64,
 
-    /// Base URL clients reach this server at, for download links (default: from the Host header).
+    /// Base URL clients reach this server at, for download links (default: the listening
+    /// address).
     #[arg(long, env = "EMBEDD_PUBLIC_URL")]
     pub public_url: Option<String>,
+
+    /// Build download links from the request's Host header when --public-url is unset (only
+    /// behind a proxy that sets it).
+    #[arg(long, env = "EMBEDD_TRUST_HOST_HEADER")]
+    pub trust_host_header: bool,
 
     /// On SIGTERM, how long in-flight requests and the bulk worker's chunk may take to finish.
     #[arg(long, env = "EMBEDD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]

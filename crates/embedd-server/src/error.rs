@@ -14,6 +14,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("request body larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A request the server cannot read (a body that ended early, say).
+    #[error("{0}")]
+    BadRequest(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -77,6 +80,7 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 detail(StatusCode::PAYLOAD_TOO_LARGE, self.to_string()).into_response()
             }
+            ApiError::BadRequest(m) => detail(StatusCode::BAD_REQUEST, m).into_response(),
             ApiError::NotFound(m) => detail(StatusCode::NOT_FOUND, m).into_response(),
             ApiError::Forbidden(m) => detail(StatusCode::FORBIDDEN, m).into_response(),
             ApiError::Conflict(m) => detail(StatusCode::CONFLICT, m).into_response(),

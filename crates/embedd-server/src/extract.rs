@@ -22,7 +22,8 @@ impl FromRequest<AppState> for JsonBody {
                     limit: state.limits.max_body_bytes,
                 }
             } else {
-                ApiError::Internal(format!("reading the request body: {rejection}"))
+                // The client's doing: a body shorter than declared, a connection closed early.
+                ApiError::BadRequest(format!("the request body could not be read: {rejection}"))
             }
         })?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {

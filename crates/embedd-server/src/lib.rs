@@ -6,6 +6,7 @@ pub mod bulk;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod error_bodies;
 pub mod extract;
 pub mod images;
 pub mod metrics;

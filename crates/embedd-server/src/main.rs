@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
+    state.bulk.set_listen_address(addr);
     let worker = tokio::spawn(state.bulk.worker(state.models.clone()).run());
     let stopping = state.bulk.stopping.clone();
     tracing::info!(%addr, "embedd listening");

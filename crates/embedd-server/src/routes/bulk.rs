@@ -213,13 +213,19 @@ pub async fn download_link(
     }
     let expires = unix_now() + state.bulk.url_ttl.as_secs();
     let signature = state.bulk.signer.sign(&job_id, expires);
-    let base = state.bulk.public_url.clone().unwrap_or_else(|| {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost");
-        format!("http://{host}")
-    });
+    // Never the Host header unless trusted: a crafted one would make links to another site.
+    let host_header = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|_| state.bulk.trust_host_header)
+        .map(|host| format!("http://{host}"));
+    let base = state
+        .bulk
+        .public_url
+        .clone()
+        .or(host_header)
+        .or_else(|| state.bulk.listen_url.get().cloned())
+        .unwrap_or_else(|| "http://localhost".to_string());
     Ok(Json(DownloadResult {
         id: job_id.clone(),
         download_url: format!(

@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn(crate::metrics::track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(crate::error_bodies::json_errors))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.clone(),

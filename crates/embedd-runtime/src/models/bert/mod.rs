@@ -386,13 +386,7 @@ mod tests {
             let vb = random_weights(&config);
             let fused = BertModel::load(vb.clone(), &config, &fused_plan()).unwrap();
             let graph = BertModel::load(vb, &config, &graph_plan()).unwrap();
-            let sequences: Vec<TokenSequence> = [7usize, 3, 12]
-                .iter()
-                .map(|&n| TokenSequence {
-                    ids: (0..n as u32).map(|t| (t * 7 + 3) % 50).collect(),
-                    type_ids: vec![0; n],
-                })
-                .collect();
+            let sequences = token_sequences(&[7, 3, 12], 7, 50);
             // The last sequence has trailing input that is not attended to (ColBERT queries).
             let batch = PackedBatch::with_attention(sequences.iter().collect(), vec![7, 3, 9], 0);
             assert_paths_agree(&fused, &graph, &batch, &format!("{variant:?}"));
@@ -413,19 +407,24 @@ mod tests {
         let vb = crate::models::var_builder(&files, DType::F32, &Device::Cpu).unwrap();
         let fused = BertModel::load(vb.clone(), &config, &fused_plan()).unwrap();
         let graph = BertModel::load(vb, &config, &graph_plan()).unwrap();
-        let sequences: Vec<TokenSequence> = [9usize, 4, 30]
-            .iter()
-            .map(|&n| TokenSequence {
-                ids: (0..n as u32).map(|t| (t * 131 + 7) % 30522).collect(),
-                type_ids: vec![0; n],
-            })
-            .collect();
+        let sequences = token_sequences(&[9, 4, 30], 131, 30522);
         let batch = PackedBatch::new(sequences.iter().collect(), 0).with_adapters(vec![
             Some(4),
             None,
             Some(0),
         ]);
         assert_paths_agree(&fused, &graph, &batch, "v3");
+    }
+
+    /// Sequences of `lengths` with ids striding through a `vocab`.
+    fn token_sequences(lengths: &[usize], stride: u32, vocab: u32) -> Vec<TokenSequence> {
+        lengths
+            .iter()
+            .map(|&n| TokenSequence {
+                ids: (0..n as u32).map(|t| (t * stride + 3) % vocab).collect(),
+                type_ids: vec![0; n],
+            })
+            .collect()
     }
 
     /// The fused path's token vectors within 1e-4 of the graph's.
