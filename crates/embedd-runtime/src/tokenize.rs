@@ -32,6 +32,10 @@ pub struct BareEncoding {
     pub after: Vec<u32>,
 }
 
+/// Bytes of text per kept token [`TextTokenizer::bounded_prefix`] first tries; it grows the
+/// prefix fourfold while the prefix holds too few tokens.
+const PREFIX_BYTES_PER_TOKEN: usize = 12;
+
 /// A tokenizer that counts every input against `max_tokens` and truncates only when asked.
 pub struct TextTokenizer {
     plain: Tokenizer,
@@ -112,12 +116,15 @@ impl TextTokenizer {
         texts: &[String],
         truncate: bool,
     ) -> Result<Vec<(TokenSequence, bool)>> {
-        let tokenizer = if truncate {
-            &self.truncating
+        let (tokenizer, inputs) = if truncate {
+            let prefixes = texts
+                .iter()
+                .map(|t| self.bounded_prefix(t))
+                .collect::<Result<Vec<_>>>()?;
+            (&self.truncating, prefixes)
         } else {
-            &self.plain
+            (&self.plain, texts.iter().map(String::as_str).collect())
         };
-        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let encodings = tokenizer
             .encode_batch(inputs, true)
             .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
@@ -162,10 +169,10 @@ impl TextTokenizer {
                 max: self.max_tokens,
             });
         }
-        let pairs: Vec<(String, String)> = documents
+        let pairs = documents
             .iter()
-            .map(|d| (query.to_string(), d.clone()))
-            .collect();
+            .map(|d| Ok((query.to_string(), self.bounded_prefix(d)?.to_string())))
+            .collect::<Result<Vec<(String, String)>>>()?;
         let encodings = self
             .pair_truncating
             .encode_batch(pairs, true)
@@ -177,6 +184,37 @@ impl TextTokenizer {
                 type_ids: e.get_type_ids().to_vec(),
             })
             .collect())
+    }
+
+    /// The part of `text` that truncation to the model's length can keep from: the shortest
+    /// prefix, cut before a whitespace character, whose tokens alone are more than the model
+    /// takes; else the whole text. Every word before the cut is tokenized as in the whole text
+    /// (pre-tokenizers split at whitespace), so truncating the prefix keeps exactly the tokens
+    /// truncating the whole would, and a megabyte-long input costs a few kilobytes of work.
+    fn bounded_prefix<'t>(&self, text: &'t str) -> Result<&'t str> {
+        let mut budget = self
+            .max_tokens
+            .saturating_mul(PREFIX_BYTES_PER_TOKEN)
+            .max(256);
+        while budget < text.len() {
+            while !text.is_char_boundary(budget) {
+                budget += 1;
+            }
+            let Some(cut) = text[budget..].find(char::is_whitespace).map(|i| budget + i) else {
+                break;
+            };
+            let prefix = &text[..cut];
+            let tokens = self
+                .plain
+                .encode(prefix, false)
+                .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?
+                .len();
+            if tokens > self.max_tokens {
+                return Ok(prefix);
+            }
+            budget = budget.saturating_mul(4);
+        }
+        Ok(text)
     }
 
     /// Token ids of each text without special tokens, and the special tokens the model wraps a
@@ -202,5 +240,79 @@ impl TextTokenizer {
             before: before.to_vec(),
             after: after.to_vec(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_tokenizer(model: &str, max_tokens: usize) -> TextTokenizer {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(model)
+            .join("tokenizer.json");
+        TextTokenizer::from_file(&path, max_tokens).unwrap()
+    }
+
+    /// Long inputs of several scripts and shapes: words, punctuation runs, CJK, a word longer
+    /// than WordPiece takes, text without whitespace near the cut.
+    fn long_texts() -> Vec<String> {
+        let words = "The quick brown fox, jumping over 12 lazy dogs; naïve café — déjà vu! ";
+        vec![
+            words.repeat(8_000),
+            "东京是日本的首都，人口众多。 ".repeat(8_000),
+            format!("{} {}", "x".repeat(5_000), words.repeat(2_000)),
+            format!(
+                "{}{}",
+                words.repeat(10),
+                "supercalifragilistic".repeat(3_000)
+            ),
+            "a\tb\n\nc  ".repeat(30_000),
+            words.repeat(3),
+        ]
+    }
+
+    #[test]
+    fn truncating_a_bounded_prefix_keeps_exactly_the_whole_texts_tokens() {
+        for (model, max) in [
+            ("tiny-bert-cross-encoder", 128),
+            ("tiny-xlm-roberta-cross-encoder", 64),
+            ("tiny-clip", 77),
+            ("tiny-t5-relu", 512),
+        ] {
+            let tokenizer = fixture_tokenizer(model, max);
+            for (i, text) in long_texts().iter().enumerate() {
+                let whole = tokenizer.truncating.encode(text.as_str(), true).unwrap();
+                let got = tokenizer
+                    .encode_batch_flagged(std::slice::from_ref(text), true)
+                    .unwrap()
+                    .remove(0);
+                assert_eq!(got.0.ids, whole.get_ids(), "{model} text {i}");
+                assert_eq!(
+                    got.1,
+                    !whole.get_overflowing().is_empty(),
+                    "{model} text {i}"
+                );
+                let prefix = tokenizer.bounded_prefix(text).unwrap();
+                if text.len() > 100_000 && i != 3 {
+                    assert!(
+                        prefix.len() < 50_000,
+                        "{model} text {i}: {} bytes",
+                        prefix.len()
+                    );
+                }
+            }
+            // Rerank pairs cut the document the same way.
+            let docs = long_texts();
+            let pairs = tokenizer.encode_pairs("a query", &docs).unwrap();
+            for (doc, pair) in docs.iter().zip(&pairs) {
+                let whole = tokenizer
+                    .pair_truncating
+                    .encode(("a query", doc.as_str()), true)
+                    .unwrap();
+                assert_eq!(pair.ids, whole.get_ids(), "{model} pair");
+            }
+        }
     }
 }
