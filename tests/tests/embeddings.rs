@@ -192,6 +192,35 @@ fn over_long_inputs_are_refused_unless_truncated() {
     assert_eq!(resp["usage"]["total_tokens"], 3 + 256);
 }
 
+/// The server's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn megabyte_inputs_with_truncate_cost_what_the_model_keeps() {
+    let server = Server::start(&[]);
+    let before = rss_kib(server.pid());
+    let words = "The quick brown fox jumps over the lazy dog while the server batches requests. ";
+    let text = words.repeat(1_000_000 / words.len());
+    let input: Vec<&str> = (0..30).map(|_| text.as_str()).collect();
+    let resp = server.embed(json!(input), json!({"truncate": true}));
+    assert_eq!(vectors(&resp).len(), 30);
+    // Every input cut to the model's 256 tokens.
+    assert_eq!(resp["usage"]["total_tokens"], 30 * 256);
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    eprintln!("RSS grew by {grown} KiB for a 30 MB request");
+    assert!(
+        grown < 512 * 1024,
+        "RSS grew by {grown} KiB for a 30 MB request"
+    );
+}
+
 #[test]
 fn late_chunking_embeds_inputs_in_context() {
     let server = Server::start(&[]);
