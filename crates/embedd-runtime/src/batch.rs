@@ -210,10 +210,6 @@ impl Hidden {
         self.len() == 0
     }
 
-    pub fn hidden_size(&self) -> candle_core::Result<usize> {
-        self.states.dim(1)
-    }
-
     /// Sequence `i`'s rows.
     pub fn rows(&self, i: usize) -> Range<usize> {
         self.offsets[i]..self.offsets[i + 1]

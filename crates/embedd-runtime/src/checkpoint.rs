@@ -4,7 +4,7 @@
 use crate::device::{DeviceSpec, Precision};
 use crate::error::Result;
 use crate::model_dir::{ModelDir, ModelSource};
-use crate::models::{load_backbone, ArchitectureConfig, Backbone};
+use crate::models::{load_backbone, ArchitectureConfig, Backbone, Weights};
 use crate::plan::ExecutionPlan;
 use crate::tokenize::{TextTokenizer, TokenSequence};
 
@@ -21,6 +21,8 @@ pub struct Checkpoint {
 /// A backbone ready to run, with the plan it was built for.
 pub struct LoadedBackbone {
     pub plan: ExecutionPlan,
+    /// The tensors the backbone was built from, for the heads to read.
+    pub weights: Weights,
     pub backbone: Box<dyn Backbone>,
 }
 
@@ -47,8 +49,13 @@ impl Checkpoint {
     /// The plan for `device` and `precision`, and the backbone built under it.
     pub fn load(&self, device: DeviceSpec, precision: Precision) -> Result<LoadedBackbone> {
         let plan = ExecutionPlan::resolve(device, precision)?;
-        let backbone = load_backbone(&self.dir, &self.config, &plan)?;
-        Ok(LoadedBackbone { plan, backbone })
+        let weights = Weights::open(&self.dir, &plan)?;
+        let backbone = load_backbone(&weights, &self.config, &plan)?;
+        Ok(LoadedBackbone {
+            plan,
+            weights,
+            backbone,
+        })
     }
 
     pub fn tokenizer(&self, max_tokens: usize) -> Result<TextTokenizer> {

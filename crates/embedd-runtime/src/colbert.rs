@@ -15,7 +15,6 @@ use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
 use crate::heads::ColbertProjection;
 use crate::model_dir::{read_json, ModelSource};
-use crate::models::open_weights;
 use crate::scheduler::{BatchScheduler, HealthReport, SchedulerConfig, TokenCost};
 use crate::tokenize::{TextTokenizer, TokenSequence};
 
@@ -152,7 +151,9 @@ impl ColbertModel {
             });
         }
         let loaded = checkpoint.load(spec.device, spec.precision)?;
-        let projection = open_weights(dir, &loaded.plan)?
+        let projection = loaded
+            .weights
+            .vb
             .get_unchecked("linear.weight")
             .and_then(ColbertProjection::new)
             .map_err(|e| RuntimeError::ModelFile {

@@ -95,7 +95,7 @@ impl TextEmbedder {
         let loaded = checkpoint.load(spec.device, spec.precision)?;
         let max_tokens = checkpoint.max_tokens(spec.max_tokens);
         let (dir, config) = (&checkpoint.dir, &checkpoint.config);
-        let images = match config.load_image_tower(dir, &loaded.plan)? {
+        let images = match config.load_image_tower(&loaded.weights, &loaded.plan)? {
             Some(tower) => {
                 let side = tower.image_size() as u32;
                 let processor = match dir.extra_file(PREPROCESSOR_CONFIG) {
@@ -116,7 +116,7 @@ impl TextEmbedder {
                 .unwrap_or(Pooling::Mean),
             tasks: config.task_adapters(),
             plan: loaded.plan.to_string(),
-            text_projection: config.text_projection(dir, &loaded.plan)?,
+            text_projection: config.text_projection(&loaded.weights)?,
             images,
         };
         Self::from_parts(&spec.name, spec.source.clone(), spec.scheduler, parts)
@@ -426,11 +426,13 @@ impl ImageServing {
     fn start(name: &str, config: SchedulerConfig, parts: ImageParts) -> Result<Self> {
         let ImageParts { tower, processor } = parts;
         let tokens_per_image = tower.tokens_per_image();
+        // The preprocessor's output must be the tower's input; the warm-up below fails at load
+        // when a checkpoint's configs disagree.
+        let side = tower.image_size();
         let run = move |items: &[&PixelItem]| -> Result<Vec<Vec<f32>>> {
-            let Some(first) = items.first() else {
+            if items.is_empty() {
                 return Ok(Vec::new());
-            };
-            let side = ((first.pixels.len() / 3) as f64).sqrt() as usize;
+            }
             let flat: Vec<f32> = items
                 .iter()
                 .flat_map(|i| i.pixels.iter().copied())

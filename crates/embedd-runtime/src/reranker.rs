@@ -6,7 +6,6 @@ use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, RuntimeError};
 use crate::heads::{ClassifierHead, ScoreActivation};
 use crate::model_dir::ModelSource;
-use crate::models::open_weights;
 use crate::scheduler::{BatchScheduler, HealthReport, SchedulerConfig};
 use crate::tokenize::{TextTokenizer, TokenSequence};
 
@@ -53,11 +52,11 @@ impl CrossEncoder {
         let loaded = checkpoint.load(spec.device, spec.precision)?;
         let activation = ScoreActivation::from_config(&raw);
         let head = ClassifierHead::load(
-            &open_weights(dir, &loaded.plan)?,
+            &loaded.weights.vb,
             checkpoint.config.hidden_size(),
             activation,
         )
-        .map_err(|e| crate::models::weights_error(dir, e))?;
+        .map_err(|e| loaded.weights.mismatch(e))?;
         let max_tokens = checkpoint.max_tokens(spec.max_tokens);
         let tokenizer = checkpoint.tokenizer(max_tokens)?;
         let pad_id = tokenizer.pad_id();

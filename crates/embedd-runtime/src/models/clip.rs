@@ -7,12 +7,11 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::{open_weights, weights_error, Backbone, Family, FamilyConfig, ImageTower};
+use super::{Backbone, Family, FamilyConfig, ImageTower, Weights};
 use crate::activation::Activation;
 use crate::batch::{Hidden, PackedBatch};
 use crate::error::Result;
 use crate::heads::Pooling;
-use crate::model_dir::ModelDir;
 use crate::plan::ExecutionPlan;
 
 fn default_act() -> Activation {
@@ -115,35 +114,30 @@ impl FamilyConfig for ClipConfig {
         Some(Pooling::LastToken)
     }
 
-    fn load(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
-        let plan = plan.without_fused_kernels("CLIP")?;
-        let vb = open_weights(dir, &plan)?;
-        let text = ClipTextTransformer::load(vb.pp("text_model"), &self.text_config)
-            .map_err(|e| weights_error(dir, e))?;
+    fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
+        plan.without_fused_kernels("CLIP")?;
+        let text = ClipTextTransformer::load(weights.vb.pp("text_model"), &self.text_config)
+            .map_err(|e| weights.mismatch(e))?;
         Ok(Box::new(text))
     }
 
-    fn text_projection(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Option<Linear>> {
-        let plan = plan.without_fused_kernels("CLIP")?;
-        let vb = open_weights(dir, &plan)?;
-        let weight = vb
-            .get(
-                (self.projection_dim, self.text_config.hidden_size),
-                "text_projection.weight",
-            )
-            .map_err(|e| weights_error(dir, e))?;
+    fn text_projection(&self, weights: &Weights) -> Result<Option<Linear>> {
+        let shape = (self.projection_dim, self.text_config.hidden_size);
+        let weight = weights
+            .vb
+            .get(shape, "text_projection.weight")
+            .map_err(|e| weights.mismatch(e))?;
         Ok(Some(Linear::new(weight, None)))
     }
 
     fn load_image_tower(
         &self,
-        dir: &ModelDir,
+        weights: &Weights,
         plan: &ExecutionPlan,
     ) -> Result<Option<Box<dyn ImageTower>>> {
-        let plan = plan.without_fused_kernels("CLIP")?;
-        let vb = open_weights(dir, &plan)?;
-        let tower = ClipVisionTower::load(&vb, &self.vision_config, self.projection_dim)
-            .map_err(|e| weights_error(dir, e))?;
+        plan.without_fused_kernels("CLIP")?;
+        let tower = ClipVisionTower::load(&weights.vb, &self.vision_config, self.projection_dim)
+            .map_err(|e| weights.mismatch(e))?;
         Ok(Some(Box::new(tower)))
     }
 }

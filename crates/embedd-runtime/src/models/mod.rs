@@ -66,16 +66,16 @@ pub trait FamilyConfig: std::fmt::Debug + Send + Sync {
         None
     }
     /// Builds the (text) backbone from `dir`'s weights, held as `plan` runs it.
-    fn load(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>>;
+    fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>>;
     /// The projection from pooled text vectors into a shared text-image space, if the family
     /// has one.
-    fn text_projection(&self, _dir: &ModelDir, _plan: &ExecutionPlan) -> Result<Option<Linear>> {
+    fn text_projection(&self, _weights: &Weights) -> Result<Option<Linear>> {
         Ok(None)
     }
     /// The image encoder, if the family has one.
     fn load_image_tower(
         &self,
-        _dir: &ModelDir,
+        _weights: &Weights,
         _plan: &ExecutionPlan,
     ) -> Result<Option<Box<dyn ImageTower>>> {
         Ok(None)
@@ -206,44 +206,57 @@ impl ArchitectureConfig {
         self.0.default_pooling()
     }
 
-    pub fn text_projection(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Option<Linear>> {
-        self.0.text_projection(dir, plan)
+    pub fn text_projection(&self, weights: &Weights) -> Result<Option<Linear>> {
+        self.0.text_projection(weights)
     }
 
     pub fn load_image_tower(
         &self,
-        dir: &ModelDir,
+        weights: &Weights,
         plan: &ExecutionPlan,
     ) -> Result<Option<Box<dyn ImageTower>>> {
-        self.0.load_image_tower(dir, plan)
+        self.0.load_image_tower(weights, plan)
     }
 }
 
-/// Builds the backbone `config` names from `dir`'s weights, held as `plan` runs it.
+/// Builds the backbone `config` names from the checkpoint's weights, held as `plan` runs it.
 pub fn load_backbone(
-    dir: &ModelDir,
+    weights: &Weights,
     config: &ArchitectureConfig,
     plan: &ExecutionPlan,
 ) -> Result<Box<dyn Backbone>> {
-    config.0.load(dir, plan)
+    config.0.load(weights, plan)
 }
 
-/// The checkpoint's tensors on the plan's device in its storage dtype, with load errors naming
-/// the weights file.
-pub fn open_weights(dir: &ModelDir, plan: &ExecutionPlan) -> Result<VarBuilder<'static>> {
-    var_builder(&dir.weight_files, plan.storage, &plan.device).map_err(|e| {
-        RuntimeError::ModelFile {
+/// A checkpoint's tensors, opened once on the plan's device in its storage dtype: the backbone,
+/// the heads and an image tower all read them from here.
+#[derive(Clone)]
+pub struct Weights {
+    pub vb: VarBuilder<'static>,
+    /// What errors name: the weights file, or a sharded checkpoint's index.
+    path: PathBuf,
+}
+
+impl Weights {
+    pub fn open(dir: &ModelDir, plan: &ExecutionPlan) -> Result<Self> {
+        let vb = var_builder(&dir.weight_files, plan.storage, &plan.device).map_err(|e| {
+            RuntimeError::ModelFile {
+                path: dir.weights.clone(),
+                reason: format!("cannot read weights: {e}"),
+            }
+        })?;
+        Ok(Self {
+            vb,
             path: dir.weights.clone(),
-            reason: format!("cannot read weights: {e}"),
-        }
-    })
-}
+        })
+    }
 
-/// A weights/config mismatch, named by file.
-pub(crate) fn weights_error(dir: &ModelDir, e: candle_core::Error) -> RuntimeError {
-    RuntimeError::ModelFile {
-        path: dir.weights.clone(),
-        reason: format!("weights do not match config.json: {e}"),
+    /// A weights/config mismatch, named by file.
+    pub fn mismatch(&self, e: candle_core::Error) -> RuntimeError {
+        RuntimeError::ModelFile {
+            path: self.path.clone(),
+            reason: format!("weights do not match config.json: {e}"),
+        }
     }
 }
 

@@ -7,10 +7,9 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::{open_weights, weights_error, Backbone, Family, FamilyConfig};
+use super::{Backbone, Family, FamilyConfig, Weights};
 use crate::batch::{Hidden, PackedBatch};
 use crate::error::Result;
-use crate::model_dir::ModelDir;
 use crate::plan::ExecutionPlan;
 
 fn default_buckets() -> usize {
@@ -67,10 +66,10 @@ impl FamilyConfig for T5Config {
     }
 
     /// T5 runs on candle's graph: it has no fused kernels.
-    fn load(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
-        let plan = plan.without_fused_kernels("T5")?;
-        let model = T5EncoderModel::load(open_weights(dir, &plan)?, self)
-            .map_err(|e| weights_error(dir, e))?;
+    fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
+        plan.without_fused_kernels("T5")?;
+        let model =
+            T5EncoderModel::load(weights.vb.clone(), self).map_err(|e| weights.mismatch(e))?;
         Ok(Box::new(model))
     }
 }

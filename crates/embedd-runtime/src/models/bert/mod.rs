@@ -25,11 +25,10 @@ use self::attention::BertAttention;
 use self::embeddings::BertEmbeddings;
 use self::feed_forward::FeedForward;
 use self::weights::{layer_norm, layer_norm_residual};
-use super::{open_weights, weights_error, Backbone, Family, FamilyConfig, TaskAdapters};
+use super::{Backbone, Family, FamilyConfig, TaskAdapters, Weights};
 use crate::batch::{AdapterSpan, Hidden, PackedBatch};
 use crate::error::Result;
 use crate::kernels::RotaryTable;
-use crate::model_dir::ModelDir;
 use crate::plan::{ExecutionPlan, FusedProducts};
 
 /// The family's registration: reads and checks `config.json`.
@@ -65,9 +64,9 @@ impl FamilyConfig for BertConfig {
         }
     }
 
-    fn load(&self, dir: &ModelDir, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
-        let model = BertModel::load(open_weights(dir, plan)?, self, plan)
-            .map_err(|e| weights_error(dir, e))?;
+    fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
+        let model =
+            BertModel::load(weights.vb.clone(), self, plan).map_err(|e| weights.mismatch(e))?;
         Ok(Box::new(model))
     }
 }
@@ -199,7 +198,7 @@ impl BertModel {
 
     /// The layers as candle operations over the padded view, one tensor per step.
     fn forward_graph(&self, batch: &PackedBatch) -> candle_core::Result<Hidden> {
-        let device = self.embeddings_device();
+        let device = self.embeddings.device();
         let padded = batch.padded(&device)?;
         let rotary = match self.rotary_table(padded.max_len) {
             Some(table) => Some(table.tensors(&device, self.storage)?),
@@ -219,7 +218,7 @@ impl BertModel {
 
     /// The fused CPU path: padding removed, layers run by [`crate::kernels`].
     fn forward_fused(&self, batch: &PackedBatch) -> candle_core::Result<Hidden> {
-        let device = self.embeddings_device();
+        let device = self.embeddings.device();
         let padded = batch.padded(&device)?;
         let embedded = self.embeddings.forward(&padded)?;
         let (_, l, h) = embedded.dims3()?;
@@ -243,10 +242,6 @@ impl BertModel {
             Tensor::from_vec(x, (total, h), &device)?,
             batch,
         ))
-    }
-
-    fn embeddings_device(&self) -> candle_core::Device {
-        self.embeddings.device()
     }
 }
 
