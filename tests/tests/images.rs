@@ -151,6 +151,66 @@ fn every_image_form_mixed_with_text_matches_the_reference() {
     assert!((norm(&short) - 1.0).abs() < 1e-4);
 }
 
+/// jina-clip-v2's layout: `{text}` and `{image}` documents in one request, the text with its
+/// task's instruction in front, Matryoshka `dimensions` for both, against the plain-torch
+/// reference; a task its text tower has no instruction for is a 422 naming `task`.
+#[test]
+fn jina_clip_serves_text_with_its_task_and_images_in_one_request() {
+    let path = workspace().join("tests/fixtures/jina_clip.json");
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dir = workspace().join("tests/fixtures/models/tiny-jina-clip-v2");
+    let spec = format!("jina-clip-v2={}", dir.display());
+    let server = Server::start(&["--model", &spec]);
+    let query = f["text_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["task"] == "retrieval.query")
+        .unwrap();
+    let photo = f["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["file"] == "rocket.jpg")
+        .unwrap();
+    let input = json!([
+        {"text": f["texts"][0]},
+        {"image": b64(&image("rocket.jpg"))},
+    ]);
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "jina-clip-v2", "input": input, "task": "retrieval.query"}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    let got = vectors(&resp);
+    let c = cosine(&got[0], &floats(&query["embeddings"][0]));
+    assert!(c >= 0.9999, "text: cosine {c}");
+    let c = cosine(&got[1], &floats(&photo["vector"]));
+    assert!(c >= 0.999, "image: cosine {c}");
+    let tokens =
+        query["token_counts"][0].as_u64().unwrap() + f["tokens_per_image"].as_u64().unwrap();
+    assert_eq!(resp["usage"]["total_tokens"], tokens, "{resp}");
+
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "jina-clip-v2", "input": input, "task": "retrieval.query",
+                "dimensions": 16}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    for (short, full) in vectors(&resp).iter().zip(&got) {
+        assert_eq!(short.len(), 16);
+        assert!((norm(short) - 1.0).abs() < 1e-4);
+        assert!(cosine(short, &full[..16]) > 0.9999);
+    }
+
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "jina-clip-v2", "input": ["a"], "task": "retrieval.passage"}),
+    );
+    assert_eq!(status, 422, "{resp}");
+    assert!(resp.to_string().contains("task"), "{resp}");
+}
+
 #[test]
 fn bad_images_and_failed_fetches_are_422s_naming_the_input() {
     let host = image_host();

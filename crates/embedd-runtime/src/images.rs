@@ -67,6 +67,38 @@ pub struct ImageProcessor {
     pub rescale: Option<f32>,
     /// Per-channel mean and std; `None`: no normalization.
     pub normalize: Option<([f32; 3], [f32; 3])>,
+    /// How the center crop's offset rounds.
+    pub crop_rounding: CropRounding,
+}
+
+/// Where a center crop starts when the margin is odd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CropRounding {
+    /// transformers' `center_crop`: half the margin, rounded down.
+    #[default]
+    Floor,
+    /// torchvision's `CenterCrop`: `round(margin / 2)`, halves to even (Python's `round`).
+    HalfEven,
+}
+
+impl CropRounding {
+    /// The crop's first row (or column) for `margin` = image side - crop side; negative where
+    /// the image is smaller and padded around.
+    fn offset(self, margin: i64) -> i64 {
+        match self {
+            CropRounding::Floor => margin.div_euclid(2),
+            // torchvision pads a smaller image by floor(-margin / 2) before.
+            CropRounding::HalfEven if margin < 0 => -((-margin) / 2),
+            CropRounding::HalfEven => {
+                let half = margin / 2;
+                if margin % 2 == 1 && half % 2 == 1 {
+                    half + 1
+                } else {
+                    half
+                }
+            }
+        }
+    }
 }
 
 impl ImageProcessor {
@@ -80,6 +112,7 @@ impl ImageProcessor {
                 [0.481_454_66, 0.457_827_5, 0.408_210_73],
                 [0.268_629_54, 0.261_302_6, 0.275_777_1],
             )),
+            crop_rounding: CropRounding::Floor,
         }
     }
 
@@ -95,6 +128,11 @@ impl ImageProcessor {
     /// Reads transformers' `CLIPImageProcessor` fields; `side` is the tower's input size, the
     /// default for absent sizes.
     pub fn from_config(config: &Value, side: u32) -> std::result::Result<Self, (String, String)> {
+        if config.get("image_processor_type").and_then(Value::as_str)
+            == Some("JinaCLIPImageProcessor")
+        {
+            return Self::from_jina_config(config, side);
+        }
         let defaults = Self::clip(side);
         let flag = |k: &str| config.get(k).and_then(Value::as_bool).unwrap_or(true);
         let size_of = |v: &Value, key: &str| -> Option<u32> {
@@ -174,6 +212,64 @@ impl ImageProcessor {
             crop,
             rescale,
             normalize,
+            crop_rounding: CropRounding::Floor,
+        })
+    }
+
+    /// jina-clip's `JinaCLIPImageProcessor` (its `transform.py`, evaluation branch): torchvision's
+    /// Resize of the short side to `size` (bicubic, on the PIL image), CenterCrop, ToTensor,
+    /// Normalize with `mean`/`std` (CLIP's when null).
+    fn from_jina_config(config: &Value, side: u32) -> std::result::Result<Self, (String, String)> {
+        let defaults = Self::clip(side);
+        let refuse = |field: &str, reason: &str| Err((field.to_string(), reason.to_string()));
+        match config.get("resize_mode").and_then(Value::as_str) {
+            None | Some("shortest") => {}
+            Some(_) => return refuse("resize_mode", "only 'shortest' is supported"),
+        }
+        match config.get("interpolation").and_then(Value::as_str) {
+            None | Some("bicubic") => {}
+            Some(_) => return refuse("interpolation", "only 'bicubic' is supported"),
+        }
+        let size = match config.get("size") {
+            None | Some(Value::Null) => side,
+            Some(v) => {
+                let sides: Vec<u64> = match v {
+                    Value::Array(a) => a.iter().filter_map(Value::as_u64).collect(),
+                    other => other.as_u64().into_iter().collect(),
+                };
+                match sides.as_slice() {
+                    [n] => *n as u32,
+                    [h, w] if h == w => *h as u32,
+                    _ => return refuse("size", "expected one side (a square input)"),
+                }
+            }
+        };
+        let triple =
+            |k: &str, default: [f32; 3]| -> std::result::Result<[f32; 3], (String, String)> {
+                match config.get(k) {
+                    None | Some(Value::Null) => Ok(default),
+                    Some(Value::Array(a)) => {
+                        let values: Vec<f32> = a
+                            .iter()
+                            .filter_map(Value::as_f64)
+                            .map(|x| x as f32)
+                            .collect();
+                        <[f32; 3]>::try_from(values.as_slice())
+                            .map_err(|_| (k.to_string(), "expected three numbers".to_string()))
+                    }
+                    Some(v) => v
+                        .as_f64()
+                        .map(|x| [x as f32; 3])
+                        .ok_or_else(|| (k.to_string(), "expected a number or three".to_string())),
+                }
+            };
+        let (mean, std) = defaults.normalize.unwrap_or_default();
+        Ok(Self {
+            shortest_edge: Some(size),
+            crop: Some((size, size)),
+            rescale: Some(1.0 / 255.0),
+            normalize: Some((triple("mean", mean)?, triple("std", std)?)),
+            crop_rounding: CropRounding::HalfEven,
         })
     }
 
@@ -209,10 +305,13 @@ impl ImageProcessor {
         let resized = self.resize(image)?;
         let (width, height) = resized.dimensions();
         let (out_h, out_w) = self.crop.unwrap_or((height, width));
-        // transformers' center_crop: the offset rounds down; a side smaller than the crop is
-        // padded with zeros around the image.
-        let top = (i64::from(height) - i64::from(out_h)).div_euclid(2);
-        let left = (i64::from(width) - i64::from(out_w)).div_euclid(2);
+        // A side smaller than the crop is padded with zeros around the image.
+        let top = self
+            .crop_rounding
+            .offset(i64::from(height) - i64::from(out_h));
+        let left = self
+            .crop_rounding
+            .offset(i64::from(width) - i64::from(out_w));
         let scale = self.rescale.unwrap_or(1.0);
         let (mean, std) = self.normalize.unwrap_or(([0.0; 3], [1.0; 3]));
         let plane = (out_h * out_w) as usize;
@@ -328,5 +427,36 @@ mod tests {
         let err =
             ImageProcessor::from_config(&serde_json::json!({"resample": 2}), 224).unwrap_err();
         assert_eq!(err.0, "resample");
+    }
+
+    #[test]
+    fn torchvision_crops_round_half_to_even() {
+        let half_even = CropRounding::HalfEven;
+        // round(153.5) = 154, round(18.5) = 18, as Python rounds; transformers floors both.
+        assert_eq!(half_even.offset(307), 154);
+        assert_eq!(half_even.offset(37), 18);
+        assert_eq!(CropRounding::Floor.offset(307), 153);
+        assert_eq!(half_even.offset(56), 28);
+        // A smaller image is padded by floor(-margin / 2) before it.
+        assert_eq!(half_even.offset(-3), -1);
+        assert_eq!(CropRounding::Floor.offset(-3), -2);
+    }
+
+    #[test]
+    fn jina_clip_processor_config_is_read() {
+        let config = serde_json::json!({
+            "image_processor_type": "JinaCLIPImageProcessor", "size": 512, "mean": null,
+            "std": null, "resize_mode": "shortest", "interpolation": "bicubic", "fill_color": 0,
+        });
+        let p = ImageProcessor::from_config(&config, 224).unwrap();
+        assert_eq!((p.shortest_edge, p.crop), (Some(512), Some((512, 512))));
+        assert_eq!(p.crop_rounding, CropRounding::HalfEven);
+        assert_eq!(p.normalize, ImageProcessor::clip(512).normalize);
+        let mut longest = config.clone();
+        longest["resize_mode"] = "longest".into();
+        assert_eq!(
+            ImageProcessor::from_config(&longest, 224).unwrap_err().0,
+            "resize_mode"
+        );
     }
 }

@@ -9,6 +9,8 @@
 pub mod bert;
 pub mod clip;
 pub mod dense;
+pub mod eva;
+pub mod jina_clip;
 pub mod lora;
 pub mod t5;
 
@@ -93,6 +95,7 @@ pub const FAMILIES: &[(&[&str], ReadConfig)] = &[
     ),
     (&["t5"], t5::read_config),
     (&["clip"], clip::read_config),
+    (&["jina_clip"], jina_clip::read_config),
 ];
 
 /// A checkpoint's architecture, from `config.json`, resolved once at load.
@@ -110,6 +113,7 @@ pub enum Family {
     XlmRobertaLora,
     T5Encoder,
     Clip,
+    JinaClip,
 }
 
 impl Family {
@@ -122,6 +126,7 @@ impl Family {
             Family::XlmRobertaLora => "xlm-roberta-lora",
             Family::T5Encoder => "t5-encoder",
             Family::Clip => "clip",
+            Family::JinaClip => "jina-clip",
         }
     }
 }
@@ -134,12 +139,30 @@ pub struct TaskAdapters {
     pub names: Vec<String>,
     /// The text each task puts before an input.
     pub instructions: BTreeMap<String, String>,
+    /// The adapter every input runs with whatever its task (jina-clip's text tower: its
+    /// default LoRA task's); tasks then choose only the instruction.
+    pub pinned: Option<usize>,
+    /// The task an input without one is given.
+    pub default_task: Option<String>,
 }
 
 impl TaskAdapters {
     /// The adapter index and instruction for `task`. Models without adapters take any task and
     /// ignore it; a model with adapters refuses a task it has none for.
     pub fn select(&self, task: Option<&str>) -> Result<(Option<usize>, &str)> {
+        let task = task.or(self.default_task.as_deref());
+        if let Some(adapter) = self.pinned {
+            let Some(task) = task else {
+                return Ok((Some(adapter), ""));
+            };
+            return match self.instructions.get(task) {
+                Some(instruction) => Ok((Some(adapter), instruction.as_str())),
+                None => Err(RuntimeError::UnknownTask {
+                    task: task.to_string(),
+                    known: self.instructions.keys().cloned().collect(),
+                }),
+            };
+        }
         let (Some(task), false) = (task, self.names.is_empty()) else {
             return Ok((None, ""));
         };
@@ -304,6 +327,7 @@ mod tests {
         let tasks = TaskAdapters {
             names: vec!["a".into(), "b".into()],
             instructions: [("b".to_string(), "B: ".to_string())].into(),
+            ..Default::default()
         };
         assert_eq!(tasks.select(None).unwrap(), (None, ""));
         assert_eq!(tasks.select(Some("b")).unwrap(), (Some(1), "B: "));

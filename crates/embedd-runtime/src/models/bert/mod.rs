@@ -61,6 +61,7 @@ impl FamilyConfig for BertConfig {
         TaskAdapters {
             names: self.lora_adaptations.clone().unwrap_or_default(),
             instructions: self.task_instructions.clone().unwrap_or_default(),
+            ..Default::default()
         }
     }
 

@@ -1,0 +1,363 @@
+//! EVA02 (Fang et al., 2023) as jina-clip's vision tower: a ViT with 2D rotary embeddings on the
+//! patch tokens, SwiGLU feed-forwards and sub-LayerNorms, pooled at the class token. Tensors as
+//! the jina-clip implementation names them (`patch_embed.proj`, `blocks.N.attn.q_proj`,
+//! `attn.q_bias`, `mlp.w1`...). Runs on candle's graph.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::ImageTower;
+
+/// EVA's LayerNorms, as the implementation builds them.
+const EPS: f64 = 1e-6;
+
+/// The rotary frequencies' base (the implementation's default, which jina-clip keeps).
+const ROPE_BASE: f64 = 10_000.0;
+
+/// `vision_config` of a jina-clip checkpoint (`JinaCLIPVisionConfig`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct EvaVisionConfig {
+    /// The tower's output size.
+    pub embed_dim: usize,
+    pub width: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub layers: usize,
+    pub head_width: usize,
+    pub mlp_ratio: f64,
+    #[serde(default)]
+    pub ls_init_value: Option<f64>,
+    #[serde(default = "yes")]
+    pub qkv_bias: bool,
+    #[serde(default)]
+    pub post_norm: bool,
+    #[serde(default)]
+    pub rope_embeddings: bool,
+    /// The patch grid's side the rotary positions were trained at.
+    #[serde(default = "default_pt_hw")]
+    pub pt_hw_seq_len: usize,
+    /// Interpolate the rotary positions from `pt_hw_seq_len` to the actual grid.
+    #[serde(default)]
+    pub intp_freq: bool,
+    #[serde(default)]
+    pub naive_swiglu: bool,
+    #[serde(default)]
+    pub subln: bool,
+    #[serde(default)]
+    pub proj_type: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_pt_hw() -> usize {
+    16
+}
+
+impl EvaVisionConfig {
+    /// Refuses the options jina-clip's released towers do not use (and embedd has no reference
+    /// for), naming the field.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        let refuse =
+            |field: &str, reason: &str| Err((format!("vision_config.{field}"), reason.into()));
+        // jina-clip-v2 is 512 px in 14-pixel patches: the convolution drops the last 8 pixels.
+        if self.patch_size == 0 || self.image_size < self.patch_size {
+            return refuse("patch_size", "must be at least 1 and at most image_size");
+        }
+        if self.head_width == 0 || !self.width.is_multiple_of(self.head_width) {
+            return refuse("head_width", "does not divide width");
+        }
+        if !self.head_width.is_multiple_of(4) {
+            return refuse("head_width", "2D rotary embeddings need a multiple of 4");
+        }
+        if !self.rope_embeddings {
+            return refuse(
+                "rope_embeddings",
+                "only EVA02 towers with rotary embeddings are supported",
+            );
+        }
+        if !self.naive_swiglu || !self.subln {
+            return refuse(
+                "subln",
+                "only the SwiGLU feed-forward with sub-LayerNorms (naive_swiglu, subln) is supported",
+            );
+        }
+        if self.post_norm {
+            return refuse("post_norm", "post-norm blocks are not supported");
+        }
+        if self.ls_init_value.is_some() {
+            return refuse("ls_init_value", "layer scale is not supported");
+        }
+        if !self.intp_freq && self.pt_hw_seq_len != self.grid() {
+            return refuse(
+                "pt_hw_seq_len",
+                "without intp_freq the rotary grid must be the patch grid",
+            );
+        }
+        match self.proj_type.as_deref() {
+            None if self.embed_dim != self.width => refuse(
+                "proj_type",
+                "embed_dim differs from width but no projection is named",
+            ),
+            None | Some("linear") => Ok(()),
+            Some(other) => Err((
+                "vision_config.proj_type".into(),
+                format!("'{other}' is not supported (none or 'linear')"),
+            )),
+        }
+    }
+
+    /// Patches per side, as the patch convolution (stride = kernel = patch) gives them.
+    fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    fn heads(&self) -> usize {
+        self.width / self.head_width
+    }
+
+    /// The feed-forward's width, as the implementation truncates it.
+    fn mlp_width(&self) -> usize {
+        (self.width as f64 * self.mlp_ratio) as usize
+    }
+}
+
+/// The 2D rotary table of the patch grid: `[grid * grid, head_dim]` cos and sin, the first half
+/// of each head turned by the patch's row, the second by its column, channel pairs sharing an
+/// angle.
+fn rotary_tables(c: &EvaVisionConfig) -> (Vec<f32>, Vec<f32>) {
+    let (grid, head_dim) = (c.grid(), c.head_width);
+    let half = head_dim / 2;
+    let frequencies: Vec<f64> = (0..half / 2)
+        .map(|k| 1.0 / ROPE_BASE.powf((2 * k) as f64 / half as f64))
+        .collect();
+    let reference = if c.intp_freq { c.pt_hw_seq_len } else { grid } as f64;
+    let position = |i: usize| i as f64 / grid as f64 * reference;
+    let mut cos = Vec::with_capacity(grid * grid * head_dim);
+    let mut sin = Vec::with_capacity(grid * grid * head_dim);
+    for row in 0..grid {
+        for col in 0..grid {
+            for channel in 0..head_dim {
+                let (at, k) = if channel < half {
+                    (position(row), channel / 2)
+                } else {
+                    (position(col), (channel - half) / 2)
+                };
+                let angle = at * frequencies[k];
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    (cos, sin)
+}
+
+struct EvaAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    inner_norm: LayerNorm,
+    proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl EvaAttention {
+    fn load(vb: VarBuilder, c: &EvaVisionConfig) -> candle_core::Result<Self> {
+        let w = c.width;
+        let bias = |name: &str| -> candle_core::Result<Option<Tensor>> {
+            c.qkv_bias.then(|| vb.get(w, name)).transpose()
+        };
+        Ok(Self {
+            q: Linear::new(vb.get((w, w), "q_proj.weight")?, bias("q_bias")?),
+            k: Linear::new(vb.get((w, w), "k_proj.weight")?, None),
+            v: Linear::new(vb.get((w, w), "v_proj.weight")?, bias("v_bias")?),
+            inner_norm: candle_nn::layer_norm(w, EPS, vb.pp("inner_attn_ln"))?,
+            proj: candle_nn::linear(w, w, vb.pp("proj"))?,
+            heads: c.heads(),
+            head_dim: c.head_width,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rotary: &Rotary) -> candle_core::Result<Tensor> {
+        let (n, l, w) = x.dims3()?;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((n, l, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = rotary.apply(&split(self.q.forward(x)?)?)?;
+        let k = rotary.apply(&split(self.k.forward(x)?)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let scores = (q * scale)?.matmul(&k.t()?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, w))?;
+        self.proj.forward(&self.inner_norm.forward(&context)?)
+    }
+}
+
+/// The rotary table on the tower's device; the class token (position 0) is not rotated.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// `x`: `[n, heads, 1 + patches, head_dim]`.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, heads, l, d) = x.dims4()?;
+        let class = x.narrow(2, 0, 1)?;
+        let patches = x.narrow(2, 1, l - 1)?;
+        let pairs = patches.reshape((n, heads, l - 1, d / 2, 2))?;
+        let first = pairs.narrow(D::Minus1, 0, 1)?;
+        let second = pairs.narrow(D::Minus1, 1, 1)?;
+        let turned =
+            Tensor::cat(&[&second.neg()?, &first], D::Minus1)?.reshape((n, heads, l - 1, d))?;
+        let rotated = (patches.broadcast_mul(&self.cos)? + turned.broadcast_mul(&self.sin)?)?;
+        Tensor::cat(&[&class, &rotated], 2)
+    }
+}
+
+/// `w3(ffn_ln(silu(w1 x) * w2 x))`.
+struct SwiGlu {
+    w1: Linear,
+    w2: Linear,
+    norm: LayerNorm,
+    w3: Linear,
+}
+
+impl SwiGlu {
+    fn load(vb: VarBuilder, c: &EvaVisionConfig) -> candle_core::Result<Self> {
+        let (w, m) = (c.width, c.mlp_width());
+        Ok(Self {
+            w1: candle_nn::linear(w, m, vb.pp("w1"))?,
+            w2: candle_nn::linear(w, m, vb.pp("w2"))?,
+            norm: candle_nn::layer_norm(m, EPS, vb.pp("ffn_ln"))?,
+            w3: candle_nn::linear(m, w, vb.pp("w3"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.w1.forward(x)?)?;
+        let hidden = (gate * self.w2.forward(x)?)?;
+        self.w3.forward(&self.norm.forward(&hidden)?)
+    }
+}
+
+/// A pre-LayerNorm block: `x + attn(norm1(x))`, then `+ mlp(norm2(.))`.
+struct EvaBlock {
+    norm1: LayerNorm,
+    attention: EvaAttention,
+    norm2: LayerNorm,
+    mlp: SwiGlu,
+}
+
+impl EvaBlock {
+    fn load(vb: VarBuilder, c: &EvaVisionConfig) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::layer_norm(c.width, EPS, vb.pp("norm1"))?,
+            attention: EvaAttention::load(vb.pp("attn"), c)?,
+            norm2: candle_nn::layer_norm(c.width, EPS, vb.pp("norm2"))?,
+            mlp: SwiGlu::load(vb.pp("mlp"), c)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rotary: &Rotary) -> candle_core::Result<Tensor> {
+        let x = (x + self.attention.forward(&self.norm1.forward(x)?, rotary)?)?;
+        &x + self.mlp.forward(&self.norm2.forward(&x)?)?
+    }
+}
+
+/// The tower with its head and the model's visual projection, if any: pixels in, one vector per
+/// image in the space the text tower shares.
+pub struct EvaVisionTower {
+    patch_embed: Conv2d,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    rotary: Rotary,
+    blocks: Vec<EvaBlock>,
+    norm: LayerNorm,
+    head: Option<Linear>,
+    projection: Option<Linear>,
+    image_size: usize,
+    grid: usize,
+}
+
+impl EvaVisionTower {
+    /// `vb` at the tower (`vision_model`); `projection` the model's `visual_projection`, if it
+    /// has one.
+    pub fn load(
+        vb: VarBuilder,
+        c: &EvaVisionConfig,
+        projection: Option<Linear>,
+    ) -> candle_core::Result<Self> {
+        let (w, grid) = (c.width, c.grid());
+        let conv = Conv2dConfig {
+            stride: c.patch_size,
+            ..Default::default()
+        };
+        let (cos, sin) = rotary_tables(c);
+        let table = |values: Vec<f32>| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(values, (grid * grid, c.head_width), vb.device())?.to_dtype(vb.dtype())
+        };
+        let head = match c.proj_type.as_deref() {
+            Some("linear") => Some(Linear::new(
+                vb.get((c.embed_dim, w), "head.weight")?,
+                c.qkv_bias
+                    .then(|| vb.get(c.embed_dim, "head.bias"))
+                    .transpose()?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
+            patch_embed: candle_nn::conv2d(3, w, c.patch_size, conv, vb.pp("patch_embed.proj"))?,
+            cls_token: vb.get((1, 1, w), "cls_token")?,
+            pos_embed: vb.get((1, grid * grid + 1, w), "pos_embed")?,
+            rotary: Rotary {
+                cos: table(cos)?,
+                sin: table(sin)?,
+            },
+            blocks: (0..c.layers)
+                .map(|i| EvaBlock::load(vb.pp(format!("blocks.{i}")), c))
+                .collect::<candle_core::Result<_>>()?,
+            norm: candle_nn::layer_norm(w, EPS, vb.pp("norm"))?,
+            head,
+            projection,
+            image_size: c.image_size,
+            grid,
+        })
+    }
+}
+
+impl ImageTower for EvaVisionTower {
+    fn embed(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = self.cls_token.dtype();
+        let n = pixels.dim(0)?;
+        let patches = self
+            .patch_embed
+            .forward(&pixels.to_device(self.cls_token.device())?.to_dtype(dtype)?)?
+            .flatten_from(2)?
+            .transpose(1, 2)?; // [n, grid * grid, width]
+        let w = patches.dim(D::Minus1)?;
+        let class = self.cls_token.broadcast_as((n, 1, w))?;
+        let mut x = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks {
+            x = block.forward(&x, &self.rotary)?;
+        }
+        let mut pooled = self.norm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        for linear in self.head.iter().chain(&self.projection) {
+            pooled = linear.forward(&pooled)?;
+        }
+        pooled.to_dtype(DType::F32)
+    }
+
+    fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    fn tokens_per_image(&self) -> usize {
+        self.grid * self.grid + 1
+    }
+}

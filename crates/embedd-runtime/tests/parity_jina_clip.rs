@@ -1,0 +1,67 @@
+//! jina-clip-v2's layout (EVA02 vision tower, jina-embeddings-v3 text tower with its LoRA
+//! adapter) against the plain-torch reference of tests/fixtures/make_jina_clip_fixture.py (whose
+//! EVA tower agrees with timm's): texts with and without a task, pixels alone (model only), and
+//! image files through embedd's decoding and the jina processor's preprocessing (end to end).
+
+mod common;
+
+use common::{check_image_files, cosine, fixture, runtime, synthetic_pixels, vector};
+use embedd_runtime::embedder::PixelItem;
+
+#[test]
+fn text_tower_matches_the_reference_with_and_without_a_task() {
+    let f = fixture("jina_clip.json");
+    let model = common::model("tiny-jina-clip-v2");
+    assert!(model.accepts_images());
+    assert_eq!((model.dimensions(), model.max_tokens()), (64, 8192));
+    let texts: Vec<String> = serde_json::from_value(f["texts"].clone()).unwrap();
+    for case in f["text_cases"].as_array().unwrap() {
+        let task = case["task"].as_str();
+        let items = model.prepare_for_task(&texts, false, task).unwrap();
+        let counts: Vec<u64> = serde_json::from_value(case["token_counts"].clone()).unwrap();
+        let got_counts: Vec<u64> = items.iter().map(|i| i.sequence.len() as u64).collect();
+        assert_eq!(got_counts, counts, "task {task:?}");
+        let out = runtime().block_on(model.embed(items)).unwrap();
+        for (i, (got, want)) in out
+            .vectors
+            .iter()
+            .zip(case["embeddings"].as_array().unwrap())
+            .enumerate()
+        {
+            let c = cosine(got, &vector(want));
+            assert!(c >= 0.9999, "task {task:?}, text {i}: cosine {c}");
+        }
+    }
+    // The text tower keeps one adapter; other tasks of jina-embeddings-v3 are refused.
+    assert!(model
+        .prepare_for_task(&texts, false, Some("retrieval.passage"))
+        .is_err());
+}
+
+#[test]
+fn eva_tower_matches_the_reference_on_pixels() {
+    let f = fixture("jina_clip.json");
+    let model = common::model("tiny-jina-clip-v2");
+    let side = f["side"].as_u64().unwrap() as usize;
+    let tokens = f["tokens_per_image"].as_u64().unwrap() as usize;
+    let cases = f["synthetic"].as_array().unwrap();
+    let items: Vec<PixelItem> = cases
+        .iter()
+        .map(|case| synthetic_pixels(case["k"].as_f64().unwrap() as f32, side, tokens))
+        .collect();
+    let out = runtime().block_on(model.embed_images(items)).unwrap();
+    assert_eq!(out.tokens, 3 * tokens);
+    for (got, case) in out.vectors.iter().zip(cases) {
+        let c = cosine(got, &vector(&case["vector"]));
+        eprintln!("model only {}: cosine {c}", case["k"]);
+        assert!(c >= 0.9999, "synthetic {}: cosine {c}", case["k"]);
+    }
+}
+
+#[test]
+fn image_files_match_the_reference_end_to_end() {
+    let f = fixture("jina_clip.json");
+    let model = common::model("tiny-jina-clip-v2");
+    let side = f["side"].as_u64().unwrap() as usize;
+    check_image_files(&model, f["images"].as_array().unwrap(), side, 97);
+}
