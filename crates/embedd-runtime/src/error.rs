@@ -16,9 +16,12 @@ pub enum RuntimeError {
     /// A task the model has no adapter for.
     #[error("the model has no adapter for task '{task}'; its tasks are: {}", known.join(", "))]
     UnknownTask { task: String, known: Vec<String> },
-    /// The scheduler's queue is full; the caller should retry later.
-    #[error("the model's queue is full ({queued} items waiting); retry later")]
-    Overloaded { queued: usize },
+    /// The model is busy for longer than a request may wait; the caller should retry later.
+    #[error("the model is busy ({queued} inputs queued); retry in {retry_after_secs} s")]
+    Overloaded {
+        queued: usize,
+        retry_after_secs: u64,
+    },
     #[error("the model worker has stopped")]
     WorkerStopped,
     /// Model code panicked on a batch; the batch's requests fail, the model goes on serving.

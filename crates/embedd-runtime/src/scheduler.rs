@@ -33,6 +33,9 @@ pub struct SchedulerConfig {
     /// Upper bound on items per background batch: a live request arriving while one runs waits
     /// for at most this much background work.
     pub max_background_batch_size: usize,
+    /// A live request whose expected wait (from the measured throughput) is longer is refused
+    /// with [`RuntimeError::Overloaded`] instead of queued; `None`: no limit.
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl Default for SchedulerConfig {
@@ -42,6 +45,7 @@ impl Default for SchedulerConfig {
             max_batch_size: 64,
             max_queued_items: 65_536,
             max_background_batch_size: 8,
+            max_queue_wait: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -120,6 +124,79 @@ impl HealthCounters {
     }
 }
 
+/// The live work a model holds and how fast it goes, for admission by expected wait.
+///
+/// The worker serves live requests round-robin (the least recently served seeds each batch), so
+/// it shares its throughput among them: a request of `s` tokens finishes after about
+/// `s + sum(min(s_j, s))` tokens of work, over every other live request `j` with `s_j` tokens
+/// left (processor sharing). A small request is thereby admitted quickly behind a flood of large
+/// ones, and a large one is refused while the model is already busy for longer than the limit.
+#[derive(Default)]
+struct LiveLoad {
+    /// Tokens not yet run, per live request.
+    remaining: Mutex<std::collections::HashMap<u64, usize>>,
+    next_id: AtomicU64,
+    /// Tokens per second the model has run, smoothed; 0 until the first batch.
+    tokens_per_second: AtomicU64,
+}
+
+impl LiveLoad {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, usize>> {
+        // A poisoned map only means a holder panicked; the counts are still usable.
+        self.remaining
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn rate(&self) -> f64 {
+        f64::from_bits(self.tokens_per_second.load(Ordering::Relaxed))
+    }
+
+    fn record_batch(&self, tokens: usize, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if tokens == 0 || seconds <= 0.0 {
+            return;
+        }
+        let measured = tokens as f64 / seconds;
+        let old = self.rate();
+        let smoothed = if old > 0.0 {
+            0.7 * old + 0.3 * measured
+        } else {
+            measured
+        };
+        self.tokens_per_second
+            .store(smoothed.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Registers a live request of `tokens`, or says how long to wait before retrying when its
+    /// expected wait is over `limit`.
+    fn admit(&self, tokens: usize, limit: Option<Duration>) -> std::result::Result<u64, u64> {
+        let mut remaining = self.lock();
+        let rate = self.rate();
+        if let Some(limit) = limit.filter(|_| rate > 0.0 && !remaining.is_empty()) {
+            let ahead: usize = remaining.values().map(|&r| r.min(tokens)).sum();
+            let expected = (ahead + tokens) as f64 / rate;
+            if expected > limit.as_secs_f64() {
+                let drain = remaining.values().sum::<usize>() as f64 / rate;
+                return Err((drain.ceil() as u64).clamp(1, 60));
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        remaining.insert(id, tokens);
+        Ok(id)
+    }
+
+    fn ran(&self, id: u64, tokens: usize) {
+        if let Some(left) = self.lock().get_mut(&id) {
+            *left = left.saturating_sub(tokens);
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+}
+
 /// Runs one batch on the model; called on the worker thread only.
 pub type BatchFn<I, O> = Box<dyn FnMut(&[&I]) -> Result<Vec<O>> + Send>;
 
@@ -129,6 +206,8 @@ struct Job<I, O> {
     items: Vec<I>,
     priority: Priority,
     reply: Reply<O>,
+    /// The live request's entry in [`LiveLoad`]; background work has none.
+    live_id: Option<u64>,
 }
 
 /// Handle to a model's worker thread. Cheap to share behind an `Arc`.
@@ -136,6 +215,7 @@ pub struct BatchScheduler<I, O> {
     sender: Option<SyncSender<Job<I, O>>>,
     queued: Arc<AtomicUsize>,
     health: Arc<HealthCounters>,
+    load: Arc<LiveLoad>,
     config: SchedulerConfig,
     worker: Option<JoinHandle<()>>,
 }
@@ -146,19 +226,24 @@ impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
         let (sender, receiver) = mpsc::sync_channel(1024);
         let queued = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(HealthCounters::default());
-        let worker_queued = queued.clone();
-        let worker_health = health.clone();
+        let load = Arc::new(LiveLoad::default());
+        let shared = Shared {
+            queued: queued.clone(),
+            health: health.clone(),
+            load: load.clone(),
+        };
         let worker = std::thread::Builder::new()
             .name(format!("embedd-model-{name}"))
             .spawn({
                 let name = name.to_string();
-                move || Worker::new(name, config, run, worker_queued, worker_health).run(receiver)
+                move || Worker::new(name, config, run, shared).run(receiver)
             })
             .expect("spawning a thread at start-up");
         Self {
             sender: Some(sender),
             queued,
             health,
+            load,
             config,
             worker: Some(worker),
         }
@@ -205,26 +290,51 @@ impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
         }
         let n = items.len();
         let before = self.queued.fetch_add(n, Ordering::AcqRel);
-        if before + n > self.config.max_queued_items && before > 0 {
+        let refuse = |retry_after_secs: u64| {
             self.queued.fetch_sub(n, Ordering::AcqRel);
-            return Err(RuntimeError::Overloaded { queued: before });
+            Err(RuntimeError::Overloaded {
+                queued: before,
+                retry_after_secs,
+            })
+        };
+        if before + n > self.config.max_queued_items && before > 0 {
+            return refuse(1);
         }
+        let live_id = match priority {
+            Priority::Live => {
+                let tokens = items.iter().map(|i| i.tokens().max(1)).sum();
+                match self.load.admit(tokens, self.config.max_queue_wait) {
+                    Ok(id) => Some(id),
+                    Err(retry_after) => return refuse(retry_after),
+                }
+            }
+            Priority::Background => None,
+        };
         let (reply, receiver) = oneshot::channel();
-        let sender = self.sender.as_ref().ok_or(RuntimeError::WorkerStopped)?;
-        match sender.try_send(Job {
+        let Some(sender) = self.sender.as_ref() else {
+            return Err(RuntimeError::WorkerStopped);
+        };
+        let sent = sender.try_send(Job {
             items,
             priority,
             reply,
-        }) {
+            live_id,
+        });
+        if sent.is_err() {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            if let Some(id) = live_id {
+                self.load.forget(id);
+            }
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.queued.fetch_sub(n, Ordering::AcqRel);
-                return Err(RuntimeError::Overloaded { queued: before });
+                return Err(RuntimeError::Overloaded {
+                    queued: before,
+                    retry_after_secs: 1,
+                })
             }
-            Err(TrySendError::Disconnected(_)) => {
-                self.queued.fetch_sub(n, Ordering::AcqRel);
-                return Err(RuntimeError::WorkerStopped);
-            }
+            Err(TrySendError::Disconnected(_)) => return Err(RuntimeError::WorkerStopped),
         }
         receiver.await.map_err(|_| RuntimeError::WorkerStopped)?
     }
@@ -251,6 +361,23 @@ struct PendingRequest<I, O> {
     served_at: u64,
     priority: Priority,
     reply: Reply<O>,
+    live_id: Option<u64>,
+}
+
+impl<I, O> PendingRequest<I, O> {
+    /// Takes the request out of the live load, whichever way it ended.
+    fn leave(&self, load: &LiveLoad) {
+        if let Some(id) = self.live_id {
+            load.forget(id);
+        }
+    }
+}
+
+/// What the scheduler handle and its worker both hold.
+struct Shared {
+    queued: Arc<AtomicUsize>,
+    health: Arc<HealthCounters>,
+    load: Arc<LiveLoad>,
 }
 
 struct Worker<I, O> {
@@ -260,25 +387,21 @@ struct Worker<I, O> {
     run: BatchFn<I, O>,
     queued: Arc<AtomicUsize>,
     health: Arc<HealthCounters>,
+    load: Arc<LiveLoad>,
     /// In arrival order: the front request is the oldest.
     pending: VecDeque<PendingRequest<I, O>>,
     batches_run: u64,
 }
 
 impl<I: TokenCost, O> Worker<I, O> {
-    fn new(
-        name: String,
-        config: SchedulerConfig,
-        run: BatchFn<I, O>,
-        queued: Arc<AtomicUsize>,
-        health: Arc<HealthCounters>,
-    ) -> Self {
+    fn new(name: String, config: SchedulerConfig, run: BatchFn<I, O>, shared: Shared) -> Self {
         Self {
             name,
             config,
             run,
-            queued,
-            health,
+            queued: shared.queued,
+            health: shared.health,
+            load: shared.load,
             pending: VecDeque::new(),
             batches_run: 0,
         }
@@ -318,15 +441,17 @@ impl<I: TokenCost, O> Worker<I, O> {
             served_at: 0,
             priority: job.priority,
             reply: job.reply,
+            live_id: job.live_id,
         });
     }
 
     fn drop_abandoned(&mut self) {
-        let queued = &self.queued;
+        let (queued, load) = (&self.queued, &self.load);
         self.pending.retain(|r| {
             let keep = !r.reply.is_closed();
             if !keep {
                 queued.fetch_sub(r.unfinished, Ordering::AcqRel);
+                r.leave(load);
             }
             keep
         });
@@ -406,6 +531,8 @@ impl<I: TokenCost, O> Worker<I, O> {
             .collect();
         let refs: Vec<&I> = items.iter().collect();
         let longest = refs.iter().map(|i| i.tokens()).max().unwrap_or(0);
+        let tokens: Vec<usize> = refs.iter().map(|i| i.tokens().max(1)).collect();
+        let started = std::time::Instant::now();
         metrics::histogram!("embedd_batch_size", "model" => self.name.clone())
             .record(refs.len() as f64);
         metrics::histogram!("embedd_batch_tokens", "model" => self.name.clone())
@@ -415,6 +542,13 @@ impl<I: TokenCost, O> Worker<I, O> {
         let run = &mut self.run;
         let result = catch_unwind(AssertUnwindSafe(|| run(&refs)));
         self.health.batches.fetch_add(1, Ordering::Relaxed);
+        self.load
+            .record_batch(tokens.iter().sum(), started.elapsed());
+        for (&(r, _), &t) in batch.iter().zip(&tokens) {
+            if let Some(id) = self.pending[r].live_id {
+                self.load.ran(id, t);
+            }
+        }
         let result = match result {
             Ok(result) => result,
             Err(payload) => {
@@ -462,6 +596,7 @@ impl<I: TokenCost, O> Worker<I, O> {
         while r < self.pending.len() {
             if self.pending[r].unfinished == 0 {
                 if let Some(req) = self.pending.remove(r) {
+                    req.leave(&self.load);
                     let outputs = req.outputs.into_iter().flatten().collect();
                     let _ = req.reply.send(Ok(outputs));
                 }
@@ -478,6 +613,7 @@ impl<I: TokenCost, O> Worker<I, O> {
         for r in failed.into_iter().rev() {
             if let Some(req) = self.pending.remove(r) {
                 self.queued.fetch_sub(req.unfinished, Ordering::AcqRel);
+                req.leave(&self.load);
                 let _ = req.reply.send(Err(error()));
             }
         }
@@ -522,6 +658,7 @@ mod tests {
             max_batch_size: 4,
             max_queued_items: 1000,
             max_background_batch_size: 8,
+            max_queue_wait: None,
         };
         let scheduler = BatchScheduler::new(
             "t",
@@ -609,6 +746,7 @@ mod tests {
                 max_batch_size: 4,
                 max_queued_items: 1000,
                 max_background_batch_size: 8,
+                max_queue_wait: None,
             },
             Box::new(move |items: &[&Item]| {
                 let _g = worker_gate.lock().unwrap();
@@ -663,6 +801,7 @@ mod tests {
                 max_batch_size: 2,
                 max_queued_items: 1000,
                 max_background_batch_size: 8,
+                max_queue_wait: None,
             },
             Box::new(move |items: &[&Item]| {
                 started.fetch_add(1, Ordering::SeqCst);
@@ -711,6 +850,7 @@ mod tests {
                 max_batch_size: 1,
                 max_queued_items: 3,
                 max_background_batch_size: 8,
+                max_queue_wait: None,
             },
             Box::new(move |items: &[&Item]| {
                 let _g = worker_gate.lock().unwrap();
@@ -731,5 +871,60 @@ mod tests {
         assert!(matches!(err, RuntimeError::Overloaded { .. }), "{err}");
         drop(held);
         assert_eq!(rt.block_on(first).unwrap().unwrap(), vec![1, 1, 1]);
+    }
+
+    /// A model that runs 10 tokens a millisecond: a request longer than the wait limit behind a
+    /// busy queue is refused with a retry time, a small one is admitted and served promptly.
+    #[test]
+    fn admission_is_by_expected_wait_shared_round_robin() {
+        let scheduler = Arc::new(BatchScheduler::new(
+            "t",
+            SchedulerConfig {
+                max_batch_tokens: 40,
+                max_batch_size: 4,
+                max_queued_items: 100_000,
+                max_background_batch_size: 8,
+                max_queue_wait: Some(Duration::from_millis(300)),
+            },
+            Box::new(move |items: &[&Item]| {
+                let tokens: usize = items.iter().map(|i| i.0).sum();
+                std::thread::sleep(Duration::from_micros(100 * tokens as u64));
+                Ok(items.iter().map(|i| i.0).collect())
+            }),
+        ));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Measure the throughput first; an idle model admits anything.
+        rt.block_on(scheduler.submit(vec![Item(10); 8])).unwrap();
+        let s = scheduler.clone();
+        // About 1 s of work, admitted because nothing else waits.
+        let flood = rt.spawn(async move { s.submit(vec![Item(10); 1000]).await });
+        while scheduler.queued_items() < 1000 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let err = rt
+            .block_on(scheduler.submit(vec![Item(10); 500]))
+            .unwrap_err();
+        let RuntimeError::Overloaded {
+            retry_after_secs, ..
+        } = err
+        else {
+            panic!("{err}")
+        };
+        assert!((1..=60).contains(&retry_after_secs));
+        let started = std::time::Instant::now();
+        let small = rt.block_on(scheduler.submit(vec![Item(10)])).unwrap();
+        assert_eq!(small, vec![10]);
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "the small request waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(rt.block_on(flood).unwrap().unwrap().len(), 1000);
+        // Once the flood has drained, large requests are admitted again.
+        rt.block_on(scheduler.submit(vec![Item(10); 500])).unwrap();
     }
 }

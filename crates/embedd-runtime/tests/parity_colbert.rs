@@ -22,6 +22,7 @@ fn load() -> ColbertModel {
             max_batch_size: 4,
             max_queued_items: 1000,
             max_background_batch_size: 8,
+            max_queue_wait: None,
         },
     })
     .unwrap()

@@ -115,6 +115,7 @@ fn padding_in_shared_batches_does_not_change_alibi_models() {
         max_batch_size: 4,
         max_queued_items: 1000,
         max_background_batch_size: 4,
+        max_queue_wait: None,
     }));
 }
 
@@ -181,6 +182,7 @@ const SMALL_BATCHES: SchedulerConfig = SchedulerConfig {
     max_batch_size: 2,
     max_queued_items: 1000,
     max_background_batch_size: 2,
+    max_queue_wait: None,
 };
 
 #[test]

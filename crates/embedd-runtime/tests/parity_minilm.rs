@@ -123,6 +123,7 @@ fn small_batches_give_the_same_vectors() {
             max_batch_size: 3,
             max_queued_items: 10_000,
             max_background_batch_size: 8,
+            max_queue_wait: None,
         }),
         &f,
     );

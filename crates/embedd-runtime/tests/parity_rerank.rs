@@ -148,6 +148,7 @@ fn scores_do_not_depend_on_batching() {
         max_batch_size: 3,
         max_queued_items: 10_000,
         max_background_batch_size: 8,
+        max_queue_wait: None,
     };
     check("tiny-bert-cross-encoder", tiny);
     check("tiny-xlm-roberta-cross-encoder", tiny);

@@ -91,6 +91,15 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_MAX_QUEUED_INPUTS", default_value_t = 65_536)]
     pub max_queued_inputs: usize,
 
+    /// A request whose expected wait in its model's queue (from the measured throughput, the
+    /// queue shared round-robin) is longer gets 429 with Retry-After; 0: no limit.
+    #[arg(long, env = "EMBEDD_MAX_QUEUE_WAIT_SECS", default_value_t = 10.0)]
+    pub max_queue_wait_secs: f64,
+
+    /// Requests handled at once across the API routes; more get 429 at once.
+    #[arg(long, env = "EMBEDD_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+
     /// Largest image an `{url}` input may fetch, in bytes.
     #[arg(long, env = "EMBEDD_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: usize,
@@ -139,6 +148,31 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_TRUST_HOST_HEADER")]
     pub trust_host_header: bool,
 
+    /// A request's headers must arrive within this many seconds, or its connection is closed.
+    #[arg(long, env = "EMBEDD_HEADER_READ_TIMEOUT_SECS", default_value_t = 10.0)]
+    pub header_read_timeout_secs: f64,
+
+    /// A request's body must arrive within this many seconds (slower: 408).
+    #[arg(long, env = "EMBEDD_BODY_READ_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub body_read_timeout_secs: f64,
+
+    /// A bulk upload's body must arrive within this many seconds (slower: 408).
+    #[arg(long, env = "EMBEDD_UPLOAD_READ_TIMEOUT_SECS", default_value_t = 300.0)]
+    pub upload_read_timeout_secs: f64,
+
+    /// A keep-alive connection with no request for this many seconds is closed.
+    #[arg(long, env = "EMBEDD_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub keep_alive_timeout_secs: f64,
+
+    /// Connections open at once; more wait in the listen backlog. Keep it under `ulimit -n`.
+    #[arg(long, env = "EMBEDD_MAX_CONNECTIONS", default_value_t = 2048)]
+    pub max_connections: usize,
+
+    /// The listen backlog: connections the kernel queues before accepting (capped by
+    /// net.core.somaxconn).
+    #[arg(long, env = "EMBEDD_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+
     /// On SIGTERM, how long in-flight requests and the bulk worker's chunk may take to finish.
     #[arg(long, env = "EMBEDD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -146,4 +180,10 @@ pub struct Config {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "EMBEDD_JSON_LOGS")]
     pub json_logs: bool,
+}
+
+/// A duration flag in seconds: at least a millisecond, at most a year (no panics on odd values).
+pub fn seconds(secs: f64) -> std::time::Duration {
+    let year = std::time::Duration::from_secs(365 * 24 * 3600);
+    std::time::Duration::try_from_secs_f64(secs.max(0.001)).map_or(year, |d| d.min(year))
 }

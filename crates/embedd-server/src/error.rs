@@ -14,6 +14,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("request body larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body did not arrive within {} s", .0.as_secs_f64())]
+    RequestTimeout(std::time::Duration),
     /// A request the server cannot read (a body that ended early, say).
     #[error("{0}")]
     BadRequest(String),
@@ -23,8 +25,11 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("{0}")]
-    Overloaded(String),
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -55,7 +60,12 @@ impl ApiError {
                 error.to_string(),
             ))
             .into(),
-            RuntimeError::Overloaded { .. } => ApiError::Overloaded(error.to_string()),
+            RuntimeError::Overloaded {
+                retry_after_secs, ..
+            } => ApiError::Overloaded {
+                message: error.to_string(),
+                retry_after_secs,
+            },
             RuntimeError::WorkerStopped => ApiError::Unavailable(error.to_string()),
             other => {
                 tracing::error!(error = %other, "request failed in the runtime");
@@ -80,13 +90,21 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 detail(StatusCode::PAYLOAD_TOO_LARGE, self.to_string()).into_response()
             }
+            ApiError::RequestTimeout(_) => (
+                [(header::CONNECTION, "close")],
+                detail(StatusCode::REQUEST_TIMEOUT, self.to_string()),
+            )
+                .into_response(),
             ApiError::BadRequest(m) => detail(StatusCode::BAD_REQUEST, m).into_response(),
             ApiError::NotFound(m) => detail(StatusCode::NOT_FOUND, m).into_response(),
             ApiError::Forbidden(m) => detail(StatusCode::FORBIDDEN, m).into_response(),
             ApiError::Conflict(m) => detail(StatusCode::CONFLICT, m).into_response(),
-            ApiError::Overloaded(m) => (
-                [(header::RETRY_AFTER, "1")],
-                detail(StatusCode::TOO_MANY_REQUESTS, m),
+            ApiError::Overloaded {
+                message,
+                retry_after_secs,
+            } => (
+                [(header::RETRY_AFTER, retry_after_secs.to_string())],
+                detail(StatusCode::TOO_MANY_REQUESTS, message),
             )
                 .into_response(),
             ApiError::Unavailable(m) => detail(StatusCode::SERVICE_UNAVAILABLE, m).into_response(),

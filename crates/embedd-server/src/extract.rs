@@ -1,4 +1,5 @@
-//! The JSON body extractor: size limit as 413, bad JSON as FastAPI's `json_invalid` 422.
+//! The JSON body extractor: size limit as 413, a body slower than `--body-read-timeout-secs` as
+//! 408, bad JSON as FastAPI's `json_invalid` 422.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -16,7 +17,10 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let deadline = state.limits.body_read_timeout;
+        let read = tokio::time::timeout(deadline, Bytes::from_request(req, state));
+        let bytes = read.await.map_err(|_| ApiError::RequestTimeout(deadline))?;
+        let bytes = bytes.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge {
                     limit: state.limits.max_body_bytes,

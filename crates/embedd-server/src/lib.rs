@@ -1,5 +1,6 @@
 //! The embedd HTTP server: configuration, model loading, the router.
 
+pub mod admission;
 pub mod auth;
 pub mod body_limit;
 pub mod bulk;
@@ -11,6 +12,7 @@ pub mod extract;
 pub mod images;
 pub mod metrics;
 pub mod routes;
+pub mod serve;
 pub mod state;
 
 use std::sync::Arc;
@@ -58,8 +60,11 @@ pub fn state_with_models(config: &Config, registry: ModelRegistry) -> anyhow::Re
             max_rerank_documents: config.max_rerank_documents,
             max_upload_bytes: config.max_upload_bytes,
             max_image_pixels: config.max_image_pixels,
+            body_read_timeout: config::seconds(config.body_read_timeout_secs),
+            upload_read_timeout: config::seconds(config.upload_read_timeout_secs),
         },
         bulk: Arc::new(bulk::BulkState::open(config)?),
+        concurrency: admission::ConcurrencyLimit::new(config.max_concurrent_requests),
         images: images::ImageFetcher::new(images::FetchLimits {
             max_bytes: config.max_image_bytes,
             timeout: std::time::Duration::from_secs(config.image_fetch_timeout_secs.max(1)),
@@ -75,6 +80,8 @@ fn load_models(config: &Config) -> anyhow::Result<ModelRegistry> {
         max_batch_size: config.max_batch_size.max(1),
         max_queued_items: config.max_queued_inputs.max(1),
         max_background_batch_size: config.max_background_batch_size.max(1),
+        max_queue_wait: (config.max_queue_wait_secs > 0.0)
+            .then(|| config::seconds(config.max_queue_wait_secs)),
     };
     let mut registry = ModelRegistry::default();
     for spec in &config.models {

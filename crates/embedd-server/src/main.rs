@@ -3,8 +3,8 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use clap::Parser;
-use embedd_server::config::Config;
-use embedd_server::{build_state, routes};
+use embedd_server::config::{self, Config};
+use embedd_server::{build_state, routes, serve};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(json: bool) {
@@ -56,9 +56,11 @@ async fn main() -> anyhow::Result<()> {
     let state = tokio::task::spawn_blocking(move || build_state(&load_config))
         .await
         .context("model loading task")??;
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(config.host, config.port))
-        .await
-        .with_context(|| format!("binding {}:{}", config.host, config.port))?;
+    let listener = serve::bind(
+        SocketAddr::new(config.host, config.port),
+        config.listen_backlog,
+    )
+    .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
     state.bulk.set_listen_address(addr);
     let worker = tokio::spawn(state.bulk.worker(state.models.clone()).run());
@@ -69,12 +71,18 @@ async fn main() -> anyhow::Result<()> {
 
     let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+    let limits = serve::ConnectionLimits {
+        header_read_timeout: config::seconds(config.header_read_timeout_secs),
+        idle_timeout: config::seconds(config.keep_alive_timeout_secs),
+        max_connections: config.max_connections,
+    };
+    let app = routes::router(state);
+    let server = tokio::spawn(serve::serve(listener, app, limits, async move {
         shutdown_signal().await;
         let _ = signalled_tx.send(());
-    });
-    let server = tokio::spawn(async move { server.await });
-    // Once the signal arrives, in-flight requests and the worker's current chunk get `grace`.
+    }));
+    // Once the signal arrives, idle connections close at once; in-flight requests and the
+    // worker's current chunk get `grace`.
     let serve_result = tokio::select! {
         result = server => result,
         _ = async {
@@ -86,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    serve_result.context("server task")??;
+    serve_result.context("server task")?;
     stopping.store(true, Ordering::Release);
     if tokio::time::timeout(grace, worker).await.is_err() {
         tracing::warn!("the bulk worker did not stop within the grace period");

@@ -192,6 +192,10 @@ pub struct Limits {
     pub max_rerank_documents: usize,
     pub max_upload_bytes: usize,
     pub max_image_pixels: u64,
+    /// A JSON body must have arrived by then (408 otherwise).
+    pub body_read_timeout: std::time::Duration,
+    /// The same for a bulk upload.
+    pub upload_read_timeout: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -200,5 +204,6 @@ pub struct AppState {
     pub api_keys: Arc<Vec<String>>,
     pub limits: Limits,
     pub bulk: Arc<crate::bulk::BulkState>,
+    pub concurrency: crate::admission::ConcurrencyLimit,
     pub images: crate::images::ImageFetcher,
 }

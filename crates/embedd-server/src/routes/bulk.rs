@@ -68,23 +68,30 @@ pub async fn start(
     mut multipart: Multipart,
 ) -> Result<Json<BulkJob>, ApiError> {
     let limit = state.limits.max_upload_bytes;
-    let (mut file, mut model, mut email) = (None, None, None);
-    while let Some(field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| multipart_error(e, limit))?
-    {
-        match field.name().unwrap_or_default() {
-            "file" => {
-                let name = field.file_name().unwrap_or("input.csv").to_string();
-                let bytes = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
-                file = Some((name, bytes));
+    let read = async {
+        let (mut file, mut model, mut email) = (None, None, None);
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| multipart_error(e, limit))?
+        {
+            match field.name().unwrap_or_default() {
+                "file" => {
+                    let name = field.file_name().unwrap_or("input.csv").to_string();
+                    let bytes = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
+                    file = Some((name, bytes));
+                }
+                "model" => model = Some(field.text().await.map_err(|e| multipart_error(e, limit))?),
+                "email" => email = Some(field.text().await.map_err(|e| multipart_error(e, limit))?),
+                _ => {}
             }
-            "model" => model = Some(field.text().await.map_err(|e| multipart_error(e, limit))?),
-            "email" => email = Some(field.text().await.map_err(|e| multipart_error(e, limit))?),
-            _ => {}
         }
-    }
+        Ok::<_, ApiError>((file, model, email))
+    };
+    let deadline = state.limits.upload_read_timeout;
+    let (file, model, email) = tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| ApiError::RequestTimeout(deadline))??;
     let mut errors = ValidationErrors::default();
     if file.is_none() {
         errors.push(ValidationError::missing(vec!["body".into(), "file".into()]));

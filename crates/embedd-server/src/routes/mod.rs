@@ -43,7 +43,11 @@ pub fn router(state: AppState) -> Router {
             post(bulk::download_link),
         )
         .route("/v1/models", get(health::list_models))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
+        .route_layer(middleware::from_fn_with_state(
+            state.concurrency.clone(),
+            crate::admission::limit_concurrency,
+        ));
     Router::new()
         .route("/", get(health::root))
         .route("/health", get(health::health))
