@@ -322,3 +322,52 @@ fn downloading_before_completion_names_the_status() {
         "{detail}"
     );
 }
+
+/// Alice's large job is uploaded first, Bob's small one after: the jobs take turns chunk by
+/// chunk, so Bob's finishes while Alice's is still running; a key over its job cap gets 429.
+#[test]
+fn two_keys_jobs_progress_side_by_side() {
+    let server = Server::start(&[
+        "--api-key",
+        "alice,bob",
+        "--bulk-chunk-rows",
+        "16",
+        "--bulk-max-jobs-per-key",
+        "2",
+    ]);
+    let job_as = |key: &str, id: &str| -> Value {
+        let resp = server
+            .client
+            .get(server.url(&format!("/v1/bulk-embeddings/{id}")))
+            .bearer_auth(key)
+            .send()
+            .unwrap();
+        resp.json().unwrap()
+    };
+    let (_, large) = rows_csv(3000);
+    let (_, small) = rows_csv(48);
+    let (status, alice) = upload(&server, &large, MODEL, None, Some("alice"));
+    assert_eq!(status, 200, "{alice}");
+    let (status, bob) = upload(&server, &small, MODEL, None, Some("bob"));
+    assert_eq!(status, 200, "{bob}");
+    let (alice, bob) = (alice["_id"].as_str().unwrap(), bob["_id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let b = job_as("bob", bob);
+        if b["status"] == "completed" {
+            let a = job_as("alice", alice);
+            assert_eq!(a["status"], "in-progress", "{a}");
+            assert!(a["processed_rows"].as_u64().unwrap() < 3000, "{a}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob's job did not finish: {b}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Alice has one job running; a second is queued, a third is over the cap.
+    assert_eq!(upload(&server, &small, MODEL, None, Some("alice")).0, 200);
+    let (status, body) = upload(&server, &small, MODEL, None, Some("alice"));
+    assert_eq!(status, 429, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("limit"), "{body}");
+    // Bob's jobs are his own count.
+    assert_eq!(upload(&server, &small, MODEL, None, Some("bob")).0, 200);
+}

@@ -174,30 +174,33 @@ impl JobStore {
             .optional()?)
     }
 
-    /// The oldest job not finished (an interrupted one first), marked in progress.
-    pub fn claim_next(&self) -> Result<Option<JobRecord>, StoreError> {
+    /// The jobs not finished: interrupted ones first, then oldest first.
+    pub fn unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
         let db = self.db();
-        let next = db
-            .query_row(
-                &format!(
-                    "SELECT {COLUMNS} FROM jobs WHERE status IN ('in-progress', 'waiting') \
-                     ORDER BY status = 'waiting', rowid LIMIT 1"
-                ),
-                [],
-                record,
-            )
-            .optional()?;
-        if let Some(rec) = &next {
-            db.execute(
-                "UPDATE jobs SET status = 'in-progress' WHERE id = ?1",
-                [&rec.job.id],
-            )?;
-        }
-        drop(db);
-        match next {
-            Some(rec) => self.get(&rec.job.id),
-            None => Ok(None),
-        }
+        let mut statement = db.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM jobs WHERE status IN ('in-progress', 'waiting') \
+             ORDER BY status = 'waiting', rowid"
+        ))?;
+        let rows = statement.query_map([], record)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// How many unfinished jobs `user_id` has.
+    pub fn unfinished_of(&self, user_id: &str) -> Result<u64, StoreError> {
+        let count: i64 = self.db().query_row(
+            "SELECT COUNT(*) FROM jobs WHERE user_id = ?1 AND status IN ('in-progress', 'waiting')",
+            [user_id],
+            |row| row.get(0),
+        )?;
+        Ok(count as u64)
+    }
+
+    pub fn mark_in_progress(&self, id: &str) -> Result<(), StoreError> {
+        self.db().execute(
+            "UPDATE jobs SET status = 'in-progress' WHERE id = ?1 AND status = 'waiting'",
+            [id],
+        )?;
+        Ok(())
     }
 
     /// Records a chunk whose rows are already synced to the result file.
@@ -301,12 +304,13 @@ mod tests {
         assert_eq!(job.status, BulkJobStatus::Waiting);
         assert_eq!(job.id.len(), 24);
         assert_eq!(std::fs::read(s.input_path(&job.id)).unwrap(), b"a\nb\n");
-        let claimed = s.claim_next().unwrap().unwrap();
+        s.mark_in_progress(&job.id).unwrap();
+        let claimed = s.get(&job.id).unwrap().unwrap();
         assert_eq!(claimed.job.status, BulkJobStatus::InProgress);
         s.commit_chunk(&job.id, 1, 10, 5, 0).unwrap();
         drop(s);
         let s = JobStore::open(&dir).unwrap();
-        let again = s.claim_next().unwrap().unwrap();
+        let again = s.unfinished().unwrap().remove(0);
         assert_eq!(
             (
                 again.job.processed_rows,
@@ -319,7 +323,7 @@ mod tests {
         let done = s.get(&job.id).unwrap().unwrap().job;
         assert_eq!(done.status, BulkJobStatus::Completed);
         assert!(done.completed_at.is_some());
-        assert!(s.claim_next().unwrap().is_none());
+        assert!(s.unfinished().unwrap().is_empty());
         assert_eq!(s.delete_finished_before(i64::MAX).unwrap(), 1);
         assert!(s.get(&job.id).unwrap().is_none());
         assert!(!s.input_path(&job.id).exists());
@@ -327,16 +331,25 @@ mod tests {
     }
 
     #[test]
-    fn interrupted_jobs_run_before_waiting_ones() {
+    fn interrupted_jobs_come_before_waiting_ones() {
         let (s, dir) = store();
         let first = s.create(new_job(b"a\n")).unwrap();
         let second = s.create(new_job(b"b\n")).unwrap();
-        assert_eq!(s.claim_next().unwrap().unwrap().job.id, first.id);
-        s.finish(&first.id, Some("boom")).unwrap();
-        let failed = s.get(&first.id).unwrap().unwrap().job;
+        s.mark_in_progress(&second.id).unwrap();
+        let order: Vec<String> = s
+            .unfinished()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.job.id)
+            .collect();
+        assert_eq!(order, [second.id.clone(), first.id.clone()]);
+        assert_eq!(s.unfinished_of("anonymous").unwrap(), 2);
+        s.finish(&second.id, Some("boom")).unwrap();
+        let failed = s.get(&second.id).unwrap().unwrap().job;
         assert_eq!(failed.status, BulkJobStatus::Failed);
         assert_eq!(failed.error.as_deref(), Some("boom"));
-        assert_eq!(s.claim_next().unwrap().unwrap().job.id, second.id);
+        assert_eq!(s.unfinished().unwrap()[0].job.id, first.id);
+        assert_eq!(s.unfinished_of("anonymous").unwrap(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

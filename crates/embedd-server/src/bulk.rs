@@ -26,6 +26,8 @@ pub struct BulkState {
     pub listen_url: std::sync::OnceLock<String>,
     /// Build download links from the request's `Host` header (`--trust-host-header`).
     pub trust_host_header: bool,
+    /// Unfinished jobs one key may have (`--bulk-max-jobs-per-key`); more uploads get 429.
+    pub max_jobs_per_key: u64,
 }
 
 impl BulkState {
@@ -39,6 +41,7 @@ impl BulkState {
             stopping: Arc::new(AtomicBool::new(false)),
             config: WorkerConfig {
                 chunk_rows: config.bulk_chunk_rows.max(1),
+                workers: config.bulk_workers.max(1),
                 retention: Duration::from_secs(config.bulk_retention_hours * 3600),
                 poll: Duration::from_secs(2),
                 notify_command: config.bulk_notify_command.clone(),
@@ -50,6 +53,7 @@ impl BulkState {
                 .map(|u| u.trim_end_matches('/').to_string()),
             listen_url: std::sync::OnceLock::new(),
             trust_host_header: config.trust_host_header,
+            max_jobs_per_key: config.bulk_max_jobs_per_key.max(1),
         })
     }
 

@@ -125,6 +125,14 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_BULK_CHUNK_ROWS", default_value_t = 256)]
     pub bulk_chunk_rows: usize,
 
+    /// Bulk chunks embedded at once, each of a different job (jobs take turns by key).
+    #[arg(long, env = "EMBEDD_BULK_WORKERS", default_value_t = 1)]
+    pub bulk_workers: usize,
+
+    /// Bulk jobs one key may have waiting or running; more uploads get 429.
+    #[arg(long, env = "EMBEDD_BULK_MAX_JOBS_PER_KEY", default_value_t = 16)]
+    pub bulk_max_jobs_per_key: u64,
+
     /// Finished bulk jobs and their files are deleted after this many hours.
     #[arg(long, env = "EMBEDD_BULK_RETENTION_HOURS", default_value_t = 168)]
     pub bulk_retention_hours: u64,

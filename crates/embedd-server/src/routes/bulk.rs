@@ -131,17 +131,32 @@ pub async fn start(
     let bulk = state.bulk.clone();
     let user = caller.0.clone();
     let job = super::off_runtime("job store", move || {
-        bulk.store.create(NewJob {
-            user_id: &user,
-            model_name: &model,
-            file_name: &file_name,
-            user_email: email.as_deref().map(str::trim),
-            total_rows: summary.rows,
-            upload: &bytes,
-        })
+        let cap = bulk.max_jobs_per_key;
+        let queued = bulk
+            .store
+            .unfinished_of(&user)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if queued >= cap {
+            return Err(ApiError::Overloaded {
+                message: format!(
+                    "this key has {queued} bulk jobs waiting or running, the limit; \
+                     retry when one has finished"
+                ),
+                retry_after_secs: 60,
+            });
+        }
+        bulk.store
+            .create(NewJob {
+                user_id: &user,
+                model_name: &model,
+                file_name: &file_name,
+                user_email: email.as_deref().map(str::trim),
+                total_rows: summary.rows,
+                upload: &bytes,
+            })
+            .map_err(|e| ApiError::Internal(e.to_string()))
     })
-    .await?
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    .await??;
     state.bulk.wake.notify_one();
     Ok(Json(job))
 }
