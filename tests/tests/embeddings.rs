@@ -202,10 +202,14 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// A 30 x 1 MB request with truncate: its growth stays under 512 MiB while it runs, and once the
+/// server is idle again the memory goes back (RSS within twice the idle figure).
 #[test]
 fn megabyte_inputs_with_truncate_cost_what_the_model_keeps() {
     let server = Server::start(&[]);
-    let before = rss_kib(server.pid());
+    server.embed(json!(["warm up"]), json!({}));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let idle = rss_kib(server.pid());
     let words = "The quick brown fox jumps over the lazy dog while the server batches requests. ";
     let text = words.repeat(1_000_000 / words.len());
     let input: Vec<&str> = (0..30).map(|_| text.as_str()).collect();
@@ -213,11 +217,19 @@ fn megabyte_inputs_with_truncate_cost_what_the_model_keeps() {
     assert_eq!(vectors(&resp).len(), 30);
     // Every input cut to the model's 256 tokens.
     assert_eq!(resp["usage"]["total_tokens"], 30 * 256);
-    let grown = rss_kib(server.pid()).saturating_sub(before);
-    eprintln!("RSS grew by {grown} KiB for a 30 MB request");
+    let grown = rss_kib(server.pid()).saturating_sub(idle);
+    eprintln!("RSS grew by {grown} KiB over {idle} KiB idle for a 30 MB request");
     assert!(
         grown < 512 * 1024,
         "RSS grew by {grown} KiB for a 30 MB request"
+    );
+    // The server returns freed memory once it has been idle for a second.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let after = rss_kib(server.pid());
+    eprintln!("RSS {after} KiB once idle again ({idle} KiB before)");
+    assert!(
+        after <= 2 * idle,
+        "RSS {after} KiB once idle, {idle} KiB before"
     );
 }
 
@@ -436,4 +448,33 @@ fn task_selects_the_adapter_of_a_model_that_has_them() {
     );
     assert_eq!(status, 200, "{resp}");
     assert_eq!(vectors(&resp).len(), 2);
+}
+
+/// `--max-request-tokens` bounds one request's model time: past it, a 422 naming `input`, for
+/// plain and late-chunked requests alike; within it, served.
+#[test]
+fn the_request_token_budget_is_a_422_naming_the_input() {
+    let server = Server::start(&["--max-request-tokens", "200"]);
+    let texts: Vec<String> = (0..40)
+        .map(|i| format!("sentence number {i} of a request over its budget"))
+        .collect();
+    for extra in [json!({}), json!({"late_chunking": true})] {
+        let mut body = json!({"model": MODEL, "input": texts});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, resp) = server.post("/v1/embeddings", &body);
+        assert_eq!(status, 422, "{resp}");
+        let (loc, kind, msg) = first_error(&resp);
+        assert_eq!(
+            (loc, kind.as_str()),
+            (json!(["body", "input"]), "value_error")
+        );
+        assert!(msg.contains("200"), "{msg}");
+    }
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": texts[..5]}),
+    );
+    assert_eq!(status, 200, "{resp}");
 }

@@ -93,6 +93,21 @@ pub fn check_input_count(count: usize, max: usize) -> Result<(), ValidationError
     )))
 }
 
+/// Refuses a request whose inputs tokenize to more than `max` tokens in all: what bounds one
+/// request's model time, whatever mix of input count and length it has.
+pub fn check_token_budget(tokens: usize, max: usize, field: &str) -> Result<(), ValidationErrors> {
+    if tokens <= max {
+        return Ok(());
+    }
+    Err(ValidationErrors::single(ValidationError::value(
+        vec!["body".into(), field.into()],
+        format!(
+            "the inputs come to {tokens} tokens, more than the {max} one request may carry; \
+             split them across requests"
+        ),
+    )))
+}
+
 /// The texts of items already checked to be text (images are skipped).
 pub fn texts(items: &[InputItem]) -> Vec<String> {
     items

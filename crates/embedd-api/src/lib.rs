@@ -18,7 +18,7 @@ pub use bulk::{BulkJob, BulkJobStatus, DownloadResult};
 pub use embeddings::{EmbedRequest, EmbedResponse, EmbeddingObject, Usage};
 pub use encoding::{EncodedVector, EncodingFormat, EncodingSelection};
 pub use error::{ErrorBody, LocItem, ValidationError, ValidationErrors};
-pub use input::{check_input_count, ImageSource, InputItem, Task};
+pub use input::{check_input_count, check_token_budget, ImageSource, InputItem, Task};
 pub use models::{ModelCapabilities, ModelCard, ModelKind, ModelList};
 pub use multi_vector::{InputType, MultiVectorObject, MultiVectorRequest, MultiVectorResponse};
 pub use rerank::{RerankDocument, RerankRequest, RerankResponse, RerankResult};

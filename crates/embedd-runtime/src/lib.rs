@@ -41,6 +41,6 @@ pub use models::Family;
 pub use plan::{ExecutionPlan, Executor, FusedProducts};
 pub use reranker::{CrossEncoder, Scored};
 pub use scheduler::{
-    BatchScheduler, HealthReport, Incident, Priority, SchedulerConfig, WorkerState,
+    BatchScheduler, HealthReport, Incident, Priority, SchedulerConfig, TokenCost, WorkerState,
 };
 pub use tokenize::{TextTokenizer, TokenSequence};

@@ -71,6 +71,11 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_MAX_CLIENT_BATCH_SIZE", default_value_t = 2048)]
     pub max_client_batch_size: usize,
 
+    /// Tokens one request's inputs may come to after tokenization (more: 422): bounds one
+    /// request's model time whatever its mix of count and length.
+    #[arg(long, env = "EMBEDD_MAX_REQUEST_TOKENS", default_value_t = 1 << 20)]
+    pub max_request_tokens: usize,
+
     /// Most documents one rerank request may carry (more: 422).
     #[arg(long, env = "EMBEDD_MAX_RERANK_DOCUMENTS", default_value_t = 4096)]
     pub max_rerank_documents: usize,

@@ -60,6 +60,7 @@ pub fn state_with_models(config: &Config, registry: ModelRegistry) -> anyhow::Re
             max_rerank_documents: config.max_rerank_documents,
             max_upload_bytes: config.max_upload_bytes,
             max_image_pixels: config.max_image_pixels,
+            max_request_tokens: config.max_request_tokens.max(1),
             body_read_timeout: config::seconds(config.body_read_timeout_secs),
             upload_read_timeout: config::seconds(config.upload_read_timeout_secs),
         },

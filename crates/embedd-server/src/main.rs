@@ -76,6 +76,9 @@ async fn main() -> anyhow::Result<()> {
         idle_timeout: config::seconds(config.keep_alive_timeout_secs),
         max_connections: config.max_connections,
     };
+    state
+        .concurrency
+        .spawn_memory_trim(std::time::Duration::from_secs(1));
     let app = routes::router(state);
     let server = tokio::spawn(serve::serve(listener, app, limits, async move {
         shutdown_signal().await;

@@ -192,6 +192,8 @@ pub struct Limits {
     pub max_rerank_documents: usize,
     pub max_upload_bytes: usize,
     pub max_image_pixels: u64,
+    /// Tokens one request's inputs may come to (`--max-request-tokens`).
+    pub max_request_tokens: usize,
     /// A JSON body must have arrived by then (408 otherwise).
     pub body_read_timeout: std::time::Duration,
     /// The same for a bulk upload.

@@ -59,6 +59,8 @@ pub async fn create(
     .await?
     .map_err(|e| ApiError::from_runtime(e, "input"))?;
     let pixel_items = prepare_images(&state, &model, image_slots.clone()).await?;
+    let planned = super::total_tokens(&text_items) + super::total_tokens(&pixel_items);
+    embedd_api::check_token_budget(planned, state.limits.max_request_tokens, "input")?;
 
     let (texts, images) = tokio::join!(
         model.embed(text_items),

@@ -82,6 +82,11 @@ pub(crate) async fn off_runtime<T: Send + 'static>(
         .map_err(|e| crate::error::ApiError::Internal(format!("{what} task: {e}")))
 }
 
+/// What a request's prepared inputs cost the model, in tokens (patches for images).
+pub(crate) fn total_tokens<T: embedd_runtime::TokenCost>(items: &[T]) -> usize {
+    items.iter().map(T::tokens).sum()
+}
+
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, Json(ErrorBody::new("Not Found"))).into_response()
 }

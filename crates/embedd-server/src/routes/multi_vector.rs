@@ -65,6 +65,11 @@ async fn embed(
     let items = super::off_runtime("tokenizer", move || tokenizer_model.prepare(&texts, side))
         .await?
         .map_err(|e| ApiError::from_runtime(e, "input"))?;
+    embedd_api::check_token_budget(
+        super::total_tokens(&items),
+        state.limits.max_request_tokens,
+        "input",
+    )?;
     let out = model
         .embed(items)
         .await

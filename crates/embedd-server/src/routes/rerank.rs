@@ -34,6 +34,11 @@ pub async fn rank(
     })
     .await?
     .map_err(|e| ApiError::from_runtime(e, "documents"))?;
+    embedd_api::check_token_budget(
+        super::total_tokens(&pairs),
+        state.limits.max_request_tokens,
+        "documents",
+    )?;
     let scored = model
         .score(pairs)
         .await
