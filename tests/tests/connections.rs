@@ -202,3 +202,43 @@ fn a_flood_gets_429_with_retry_after_while_a_small_request_is_served() {
         "the small request took {probe:?} during the flood"
     );
 }
+
+/// A client that hangs up takes its queued work with it: the model's batch count stops growing
+/// soon after, instead of running the whole request.
+#[test]
+fn a_disconnected_clients_queued_work_is_dropped() {
+    let server = Server::start(&["--max-batch-size", "4"]);
+    let texts: Vec<String> = (0..4000)
+        .map(|i| format!("queued work that nobody will read, sentence number {i}"))
+        .collect();
+    let body = serde_json::to_vec(&json!({"model": MODEL, "input": texts})).unwrap();
+    let batches = || -> u64 {
+        let (_, health) = server.get("/health");
+        health["model_health"][MODEL]["batches"].as_u64().unwrap()
+    };
+    let mut stream = connect(&server);
+    write!(
+        stream,
+        "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(&body).unwrap();
+    // Let it tokenize and start running, then hang up.
+    let started = Instant::now();
+    while batches() < 5 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stream);
+    std::thread::sleep(Duration::from_millis(500));
+    let after_hangup = batches();
+    std::thread::sleep(Duration::from_secs(2));
+    let later = batches();
+    eprintln!("batches: {after_hangup} half a second after the hang-up, {later} two seconds on");
+    // 1,000 batches were queued; at most the one running when the hang-up was seen may finish.
+    assert!(later - after_hangup <= 1, "{after_hangup} -> {later}");
+    assert!(
+        later < 500,
+        "{later} batches ran for a request nobody reads"
+    );
+}

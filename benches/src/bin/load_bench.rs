@@ -2,6 +2,10 @@
 //! sends its next request when the last one answers) for throughput at saturation, then an
 //! open-loop run at half the best throughput found, timed from each request's scheduled start so
 //! queueing counts. Prints one JSON line per run.
+//!
+//! With `--flood N`: N clients send `--items`-text requests back to back while a probe sends one
+//! single-text request every 200 ms; prints the flood's answers by status (200, 429, 5xx, other)
+//! and the probe's latencies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +34,9 @@ struct Args {
     /// Seconds per run.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Flood mode: this many clients instead of the saturation and half-load runs.
+    #[arg(long)]
+    flood: Option<usize>,
 }
 
 struct Load {
@@ -69,6 +76,86 @@ impl Load {
         resp.bytes().await.ok()?;
         ok.then(|| since.elapsed().as_secs_f64() * 1e3)
     }
+}
+
+impl Load {
+    /// One request with `body`: its status (0: no answer) and latency in ms.
+    async fn send_body(&self, body: &Value) -> (u16, f64) {
+        let since = Instant::now();
+        let Ok(resp) = self.client.post(&self.endpoint).json(body).send().await else {
+            return (0, since.elapsed().as_secs_f64() * 1e3);
+        };
+        let status = resp.status().as_u16();
+        let _ = resp.bytes().await;
+        (status, since.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+/// The flood: `clients` closed-loop senders of full-size requests, and the probe beside them.
+async fn flood(load: Arc<Load>, clients: usize) {
+    let deadline = Instant::now() + Duration::from_secs_f64(load.args.seconds);
+    let senders: Vec<_> = (0..clients)
+        .map(|c| {
+            let load = load.clone();
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                let mut i = c * 1000;
+                while Instant::now() < deadline {
+                    let body = load.body(i);
+                    let (status, _) = load.send_body(&body).await;
+                    if status == 429 {
+                        // A client that honours Retry-After would wait; this one comes back soon
+                        // to keep the pressure on.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    statuses.push(status);
+                    i += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let probe = {
+        let load = load.clone();
+        tokio::spawn(async move {
+            let (mut latencies, mut failures) = (Vec::new(), 0usize);
+            let body = json!({"model": load.args.model, "input": [load.texts[0].clone()]});
+            while Instant::now() < deadline {
+                let (status, ms) = load.send_body(&body).await;
+                if status == 200 {
+                    latencies.push(ms);
+                } else {
+                    failures += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (latencies, failures)
+        })
+    };
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for sender in senders {
+        for status in sender.await.unwrap_or_default() {
+            let class = match status {
+                200 => "200",
+                429 => "429",
+                500..=599 => "5xx",
+                _ => "other",
+            };
+            *counts.entry(class).or_default() += 1;
+        }
+    }
+    let (mut latencies, failures) = probe.await.unwrap_or_default();
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "route": load.args.route, "items": load.args.items, "mode": "flood",
+            "clients": clients, "seconds": load.args.seconds, "answers": counts,
+            "probe_requests": latencies.len(), "probe_failures": failures,
+            "probe_p50_ms": percentile(&latencies, 0.5), "probe_p99_ms": percentile(&latencies, 0.99),
+            "probe_max_ms": latencies.last().copied().unwrap_or(0.0),
+        })
+    );
 }
 
 struct Outcome {
@@ -173,6 +260,10 @@ async fn main() -> anyhow::Result<()> {
     });
     // Warm-up: the first request loads caches and spins up the worker.
     load.send(0, Instant::now()).await;
+    if let Some(clients) = args.flood {
+        flood(load, clients).await;
+        return Ok(());
+    }
     let mut best = 0f64;
     for &clients in &args.clients {
         let outcome = closed_loop(load.clone(), clients).await;

@@ -285,7 +285,11 @@ impl Backbone for ClipTextTransformer {
 }
 
 /// `[1, 1, len, len]`: 0 on and below the diagonal, a large negative number above it.
-fn causal_bias(len: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+pub(super) fn causal_bias(
+    len: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let floor = if dtype == DType::F16 { -3.0e4 } else { -1.0e30 };
     let values: Vec<f32> = (0..len)
         .flat_map(|i| (0..len).map(move |j| if j > i { floor } else { 0.0 }))

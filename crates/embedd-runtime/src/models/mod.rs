@@ -12,6 +12,7 @@ pub mod dense;
 pub mod eva;
 pub mod jina_clip;
 pub mod lora;
+pub mod qwen3;
 pub mod t5;
 
 use std::collections::BTreeMap;
@@ -96,6 +97,7 @@ pub const FAMILIES: &[(&[&str], ReadConfig)] = &[
     (&["t5"], t5::read_config),
     (&["clip"], clip::read_config),
     (&["jina_clip"], jina_clip::read_config),
+    (&["qwen3"], qwen3::read_config),
 ];
 
 /// A checkpoint's architecture, from `config.json`, resolved once at load.
@@ -114,6 +116,7 @@ pub enum Family {
     T5Encoder,
     Clip,
     JinaClip,
+    Qwen3,
 }
 
 impl Family {
@@ -127,6 +130,7 @@ impl Family {
             Family::T5Encoder => "t5-encoder",
             Family::Clip => "clip",
             Family::JinaClip => "jina-clip",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
