@@ -3,7 +3,8 @@
 //! open-loop run at half the best throughput found, timed from each request's scheduled start so
 //! queueing counts. Prints one JSON line per run.
 //!
-//! With `--flood N`: N clients send `--items`-text requests back to back while a probe sends one
+//! With `--flood N`: N clients send `--items`-text requests back to back (waiting out each 429's
+//! `Retry-After`, at most 5 s, as the OpenAI and Jina clients do) while a probe sends one
 //! single-text request every 200 ms; prints the flood's answers by status (200, 429, 5xx, other)
 //! and the probe's latencies.
 
@@ -79,15 +80,19 @@ impl Load {
 }
 
 impl Load {
-    /// One request with `body`: its status (0: no answer) and latency in ms.
-    async fn send_body(&self, body: &Value) -> (u16, f64) {
+    /// One request with `body`: its status (0: no answer), latency in ms, and `Retry-After`.
+    async fn send_body(&self, body: &Value) -> (u16, f64, Option<u64>) {
         let since = Instant::now();
         let Ok(resp) = self.client.post(&self.endpoint).json(body).send().await else {
-            return (0, since.elapsed().as_secs_f64() * 1e3);
+            return (0, since.elapsed().as_secs_f64() * 1e3, None);
         };
         let status = resp.status().as_u16();
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let _ = resp.bytes().await;
-        (status, since.elapsed().as_secs_f64() * 1e3)
+        (status, since.elapsed().as_secs_f64() * 1e3, retry)
     }
 }
 
@@ -102,11 +107,11 @@ async fn flood(load: Arc<Load>, clients: usize) {
                 let mut i = c * 1000;
                 while Instant::now() < deadline {
                     let body = load.body(i);
-                    let (status, _) = load.send_body(&body).await;
+                    let (status, _, retry) = load.send_body(&body).await;
                     if status == 429 {
-                        // A client that honours Retry-After would wait; this one comes back soon
-                        // to keep the pressure on.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // As the OpenAI and Jina clients do: wait as long as the server says.
+                        let wait = retry.unwrap_or(1).min(5);
+                        tokio::time::sleep(Duration::from_secs(wait)).await;
                     }
                     statuses.push(status);
                     i += 1;
@@ -121,7 +126,7 @@ async fn flood(load: Arc<Load>, clients: usize) {
             let (mut latencies, mut failures) = (Vec::new(), 0usize);
             let body = json!({"model": load.args.model, "input": [load.texts[0].clone()]});
             while Instant::now() < deadline {
-                let (status, ms) = load.send_body(&body).await;
+                let (status, ms, _) = load.send_body(&body).await;
                 if status == 200 {
                     latencies.push(ms);
                 } else {

@@ -225,6 +225,18 @@ impl ColbertModel {
         self.scheduler.queued_items()
     }
 
+    /// Refuses (as [`crate::RuntimeError::Overloaded`]) a live request of these texts, plus
+    /// `extra_tokens` (images), that would wait too long, before any tokenization is spent on it.
+    pub fn check_admission(
+        &self,
+        texts: &[String],
+        extra_tokens: usize,
+    ) -> crate::error::Result<()> {
+        let tokens =
+            crate::tokenize::estimated_tokens(texts, self.tokenizer.max_tokens()) + extra_tokens;
+        self.scheduler.check_admission(tokens)
+    }
+
     pub fn dimensions(&self) -> usize {
         self.dimensions
     }

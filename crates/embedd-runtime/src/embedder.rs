@@ -114,7 +114,9 @@ impl TextEmbedder {
                 .or(dir.sentence_transformers.pooling)
                 .or(config.default_pooling())
                 .unwrap_or(Pooling::Mean),
-            tasks: config.task_adapters(),
+            tasks: config
+                .task_adapters()
+                .with_prompts(&dir.sentence_transformers.prompts),
             plan: loaded.plan.to_string(),
             text_projection: config.text_projection(&loaded.weights)?,
             images,
@@ -259,6 +261,22 @@ impl TextEmbedder {
 
     pub fn queued_items(&self) -> usize {
         self.scheduler.queued_items()
+    }
+
+    /// What one image costs the image tower (patches and class token); 0 for a text model.
+    pub fn tokens_per_image(&self) -> usize {
+        self.images.as_ref().map_or(0, |i| i.tokens_per_image)
+    }
+
+    /// Refuses (as [`crate::RuntimeError::Overloaded`]) a live request of these texts, plus
+    /// `extra_tokens` (images), that would wait too long, before any tokenization is spent on it.
+    pub fn check_admission(
+        &self,
+        texts: &[String],
+        extra_tokens: usize,
+    ) -> crate::error::Result<()> {
+        let tokens = crate::tokenize::estimated_tokens(texts, self.max_tokens()) + extra_tokens;
+        self.scheduler.check_admission(tokens)
     }
 
     pub fn health(&self) -> HealthReport {

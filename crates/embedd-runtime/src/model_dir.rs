@@ -70,6 +70,9 @@ pub struct SentenceTransformersInfo {
     pub normalize: bool,
     /// `max_seq_length` of `sentence_bert_config.json`.
     pub max_seq_length: Option<usize>,
+    /// `prompts` of `config_sentence_transformers.json`: text put before inputs, by name
+    /// (Qwen3-Embedding's `query` instruction).
+    pub prompts: std::collections::BTreeMap<String, String>,
 }
 
 /// The files of one model, resolved to local paths.
@@ -305,6 +308,14 @@ struct ModuleEntry {
 /// Reads `modules.json`, the pooling module's config and `sentence_bert_config.json` where present.
 fn read_sentence_transformers(files: &dyn FileSource) -> Result<SentenceTransformersInfo> {
     let mut info = SentenceTransformersInfo::default();
+    if let Some(path) = files.fetch("config_sentence_transformers.json")? {
+        if let Some(prompts) = read_json(&path)?.get("prompts").and_then(Value::as_object) {
+            info.prompts = prompts
+                .iter()
+                .filter_map(|(name, p)| Some((name.clone(), p.as_str()?.to_string())))
+                .collect();
+        }
+    }
     if let Some(path) = files.fetch("sentence_bert_config.json")? {
         info.max_seq_length = read_json(&path)?
             .get("max_seq_length")

@@ -92,6 +92,17 @@ impl CrossEncoder {
         self.scheduler.queued_items()
     }
 
+    /// Refuses (as [`crate::RuntimeError::Overloaded`]) a live request of these texts, plus
+    /// `extra_tokens` (images), that would wait too long, before any tokenization is spent on it.
+    pub fn check_admission(
+        &self,
+        texts: &[String],
+        extra_tokens: usize,
+    ) -> crate::error::Result<()> {
+        let tokens = crate::tokenize::estimated_tokens(texts, self.max_tokens()) + extra_tokens;
+        self.scheduler.check_admission(tokens)
+    }
+
     pub fn max_tokens(&self) -> usize {
         self.tokenizer.max_tokens()
     }

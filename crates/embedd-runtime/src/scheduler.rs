@@ -168,19 +168,31 @@ impl LiveLoad {
             .store(smoothed.to_bits(), Ordering::Relaxed);
     }
 
+    /// Whether a request of `tokens` would wait within `limit`; if not, the seconds to wait
+    /// before retrying.
+    fn within(
+        remaining: &std::collections::HashMap<u64, usize>,
+        rate: f64,
+        tokens: usize,
+        limit: Option<Duration>,
+    ) -> std::result::Result<(), u64> {
+        let Some(limit) = limit.filter(|_| rate > 0.0 && !remaining.is_empty()) else {
+            return Ok(());
+        };
+        let ahead: usize = remaining.values().map(|&r| r.min(tokens)).sum();
+        let expected = (ahead + tokens) as f64 / rate;
+        if expected <= limit.as_secs_f64() {
+            return Ok(());
+        }
+        let drain = remaining.values().sum::<usize>() as f64 / rate;
+        Err((drain.ceil() as u64).clamp(1, 60))
+    }
+
     /// Registers a live request of `tokens`, or says how long to wait before retrying when its
     /// expected wait is over `limit`.
     fn admit(&self, tokens: usize, limit: Option<Duration>) -> std::result::Result<u64, u64> {
         let mut remaining = self.lock();
-        let rate = self.rate();
-        if let Some(limit) = limit.filter(|_| rate > 0.0 && !remaining.is_empty()) {
-            let ahead: usize = remaining.values().map(|&r| r.min(tokens)).sum();
-            let expected = (ahead + tokens) as f64 / rate;
-            if expected > limit.as_secs_f64() {
-                let drain = remaining.values().sum::<usize>() as f64 / rate;
-                return Err((drain.ceil() as u64).clamp(1, 60));
-            }
-        }
+        Self::within(&remaining, self.rate(), tokens, limit)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         remaining.insert(id, tokens);
         Ok(id)
@@ -276,6 +288,22 @@ impl<I: TokenCost + Send + 'static, O: Send + 'static> BatchScheduler<I, O> {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .clone(),
         }
+    }
+
+    /// Whether a live request of about `tokens` would be admitted now: lets a server refuse a
+    /// request before spending tokenization on it. [`Self::submit`] decides on the real count.
+    pub fn check_admission(&self, tokens: usize) -> Result<()> {
+        let remaining = self.load.lock();
+        LiveLoad::within(
+            &remaining,
+            self.load.rate(),
+            tokens,
+            self.config.max_queue_wait,
+        )
+        .map_err(|retry_after_secs| RuntimeError::Overloaded {
+            queued: self.queued_items(),
+            retry_after_secs,
+        })
     }
 
     /// Queues `items` and waits for their outputs, in order. Dropping the future drops the work.

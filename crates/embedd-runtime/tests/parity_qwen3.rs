@@ -27,3 +27,34 @@ fn last_token_vectors_match_transformers() {
         assert!(c >= 0.9999, "{:?}: cosine {c}", case["text"]);
     }
 }
+
+/// `task: retrieval.query` puts the checkpoint's sentence-transformers `query` prompt in front,
+/// as Qwen3-Embedding expects of queries; documents get none.
+#[test]
+fn the_query_task_brings_the_query_prompt() {
+    let f = fixture("qwen3.json");
+    let model = common::model("tiny-qwen3");
+    let prompted = &f["cases"][3];
+    let items = model
+        .prepare_for_task(
+            &["what is rope".to_string()],
+            false,
+            Some("retrieval.query"),
+        )
+        .unwrap();
+    assert_eq!(
+        items[0].sequence.len() as u64,
+        prompted["tokens"].as_u64().unwrap()
+    );
+    let out = runtime().block_on(model.embed(items)).unwrap();
+    let c = cosine(&out.vectors[0], &vector(&prompted["vector"]));
+    assert!(c >= 0.9999, "cosine {c}");
+    let plain = model
+        .prepare_for_task(
+            &["what is rope".to_string()],
+            false,
+            Some("retrieval.passage"),
+        )
+        .unwrap();
+    assert!(plain[0].sequence.len() < prompted["tokens"].as_u64().unwrap() as usize);
+}

@@ -151,6 +151,33 @@ pub struct TaskAdapters {
 }
 
 impl TaskAdapters {
+    /// A model without adapters whose sentence-transformers prompts name Jina tasks, or the
+    /// roles they stand for (`query` for `retrieval.query`; `document` or `passage` for
+    /// `retrieval.passage`): those tasks put the prompt in front of each input.
+    pub fn with_prompts(mut self, prompts: &BTreeMap<String, String>) -> Self {
+        if !self.names.is_empty() || self.pinned.is_some() {
+            return self;
+        }
+        let roles: [(&str, &[&str]); 2] = [
+            ("retrieval.query", &["retrieval.query", "query"]),
+            (
+                "retrieval.passage",
+                &["retrieval.passage", "document", "passage"],
+            ),
+        ];
+        for (task, names) in roles {
+            if let Some(prompt) = names.iter().find_map(|n| prompts.get(*n)) {
+                self.instructions.insert(task.to_string(), prompt.clone());
+            }
+        }
+        for task in ["text-matching", "classification", "separation"] {
+            if let Some(prompt) = prompts.get(task) {
+                self.instructions.insert(task.to_string(), prompt.clone());
+            }
+        }
+        self
+    }
+
     /// The adapter index and instruction for `task`. Models without adapters take any task and
     /// ignore it; a model with adapters refuses a task it has none for.
     pub fn select(&self, task: Option<&str>) -> Result<(Option<usize>, &str)> {
@@ -167,9 +194,14 @@ impl TaskAdapters {
                 }),
             };
         }
-        let (Some(task), false) = (task, self.names.is_empty()) else {
+        let Some(task) = task else {
             return Ok((None, ""));
         };
+        if self.names.is_empty() {
+            // No adapters: any task is taken; one with a prompt gets it in front.
+            let instruction = self.instructions.get(task).map_or("", String::as_str);
+            return Ok((None, instruction));
+        }
         let Some(index) = self.names.iter().position(|n| n == task) else {
             return Err(RuntimeError::UnknownTask {
                 task: task.to_string(),
@@ -340,5 +372,17 @@ mod tests {
             TaskAdapters::default().select(Some("c")).unwrap(),
             (None, "")
         );
+        let prompts: BTreeMap<String, String> =
+            [("query".to_string(), "Instruct: find\nQuery:".to_string())].into();
+        let prompted = TaskAdapters::default().with_prompts(&prompts);
+        assert_eq!(
+            prompted.select(Some("retrieval.query")).unwrap(),
+            (None, "Instruct: find\nQuery:")
+        );
+        assert_eq!(
+            prompted.select(Some("retrieval.passage")).unwrap(),
+            (None, "")
+        );
+        assert_eq!(prompted.select(None).unwrap(), (None, ""));
     }
 }

@@ -46,6 +46,9 @@ pub async fn create(
         }
     }
     let texts = request.texts();
+    model
+        .check_admission(&texts, image_slots.len() * model.tokens_per_image())
+        .map_err(|e| ApiError::from_runtime(e, "input"))?;
     let (truncate, late_chunking) = (request.truncate, request.late_chunking);
     let task = request.task.map(|t| t.as_str());
     let tokenizer_model = model.clone();

@@ -87,6 +87,11 @@ pub(crate) fn total_tokens<T: embedd_runtime::TokenCost>(items: &[T]) -> usize {
     items.iter().map(T::tokens).sum()
 }
 
+/// The query's share of a rerank request's estimated cost: it is tokenized into every pair.
+pub(crate) fn estimate_pair_cost(query: &str, documents: usize) -> usize {
+    embedd_runtime::tokenize::estimated_tokens(&[query.to_string()], usize::MAX) * documents
+}
+
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, Json(ErrorBody::new("Not Found"))).into_response()
 }

@@ -61,6 +61,9 @@ async fn embed(
         InputType::Document => Side::Document,
     };
     let texts = request.texts();
+    model
+        .check_admission(&texts, 0)
+        .map_err(|e| ApiError::from_runtime(e, "input"))?;
     let tokenizer_model = model.clone();
     let items = super::off_runtime("tokenizer", move || tokenizer_model.prepare(&texts, side))
         .await?

@@ -28,6 +28,10 @@ pub async fn rank(
     let model = lookup.checked()?;
 
     let (query, documents) = (request.query.clone(), request.texts());
+    let query_cost = crate::routes::estimate_pair_cost(&query, documents.len());
+    model
+        .check_admission(&documents, query_cost)
+        .map_err(|e| ApiError::from_runtime(e, "documents"))?;
     let tokenizer_model = model.clone();
     let pairs = super::off_runtime("tokenizer", move || {
         tokenizer_model.prepare(&query, &documents)
