@@ -29,23 +29,7 @@ config = json.loads((pathlib.Path(a.model_dir) / "config.json").read_text())["vi
 jc.SIDE, jc.PATCH, jc.WIDTH = config["image_size"], config["patch_size"], config["width"]
 jc.HEADS, jc.LAYERS, jc.PT_HW = config["width"] // config["head_width"], config["layers"], config["pt_hw_seq_len"]
 jc.MLP, jc.GRID = int(config["width"] * config["mlp_ratio"]), jc.SIDE // jc.PATCH
-weights = {k: v for k, v in load_file(str(pathlib.Path(a.model_dir) / "model.safetensors")).items()
-           if k.startswith("vision_model.")}
-
-import timm.models.eva as eva  # noqa: E402
-model = eva.Eva(img_size=jc.SIDE, patch_size=jc.PATCH, embed_dim=jc.WIDTH, depth=jc.LAYERS, num_heads=jc.HEADS,
-                mlp_ratio=jc.MLP / jc.WIDTH, qkv_fused=False, swiglu_mlp=True, scale_mlp=True,
-                scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(jc.PT_HW, jc.PT_HW),
-                num_classes=0, global_pool="token").eval()
-renames = {"attn.q_bias": "attn.q_proj.bias", "attn.v_bias": "attn.v_proj.bias", "attn.inner_attn_ln": "attn.norm",
-           "mlp.w1": "mlp.fc1_g", "mlp.w2": "mlp.fc1_x", "mlp.ffn_ln": "mlp.norm", "mlp.w3": "mlp.fc2"}
-state = {}
-for name, value in weights.items():
-    name = name.removeprefix("vision_model.")
-    for ours, theirs in renames.items():
-        name = name.replace(ours, theirs)
-    state[name] = value.float()
-model.load_state_dict(state)
+model = jc.timm_model(load_file(str(pathlib.Path(a.model_dir) / "model.safetensors")), torch.float32)
 preprocess = transforms.Compose([
     transforms.Resize(jc.SIDE, interpolation=transforms.InterpolationMode.BICUBIC),
     transforms.CenterCrop(jc.SIDE), transforms.ToTensor(), transforms.Normalize(jc.MEAN, jc.STD)])

@@ -57,6 +57,17 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     Ok(decoded.to_rgb8())
 }
 
+/// A per-channel setting (mean, std) given as three numbers.
+fn three_numbers(key: &str, values: &[Value]) -> std::result::Result<[f32; 3], (String, String)> {
+    let values: Vec<f32> = values
+        .iter()
+        .filter_map(Value::as_f64)
+        .map(|x| x as f32)
+        .collect();
+    <[f32; 3]>::try_from(values.as_slice())
+        .map_err(|_| (key.to_string(), "expected three numbers".to_string()))
+}
+
 /// A model's image preprocessing, from `preprocessor_config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageProcessor {
@@ -182,25 +193,10 @@ impl ImageProcessor {
                 .and_then(Value::as_f64)
                 .map_or(1.0 / 255.0, |f| f as f32)
         });
-        let triple =
-            |k: &str, default: [f32; 3]| -> std::result::Result<[f32; 3], (String, String)> {
-                match config.get(k) {
-                    None => Ok(default),
-                    Some(v) => {
-                        let values: Vec<f32> = v
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(Value::as_f64)
-                                    .map(|x| x as f32)
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        <[f32; 3]>::try_from(values.as_slice())
-                            .map_err(|_| (k.to_string(), "expected three numbers".to_string()))
-                    }
-                }
-            };
+        let triple = |k: &str, default: [f32; 3]| match config.get(k) {
+            None => Ok(default),
+            Some(v) => three_numbers(k, v.as_array().map_or(&[][..], Vec::as_slice)),
+        };
         let (mean, std) = defaults.normalize.unwrap_or_default();
         let normalize = if flag("do_normalize") {
             Some((triple("image_mean", mean)?, triple("image_std", std)?))
@@ -244,25 +240,14 @@ impl ImageProcessor {
                 }
             }
         };
-        let triple =
-            |k: &str, default: [f32; 3]| -> std::result::Result<[f32; 3], (String, String)> {
-                match config.get(k) {
-                    None | Some(Value::Null) => Ok(default),
-                    Some(Value::Array(a)) => {
-                        let values: Vec<f32> = a
-                            .iter()
-                            .filter_map(Value::as_f64)
-                            .map(|x| x as f32)
-                            .collect();
-                        <[f32; 3]>::try_from(values.as_slice())
-                            .map_err(|_| (k.to_string(), "expected three numbers".to_string()))
-                    }
-                    Some(v) => v
-                        .as_f64()
-                        .map(|x| [x as f32; 3])
-                        .ok_or_else(|| (k.to_string(), "expected a number or three".to_string())),
-                }
-            };
+        let triple = |k: &str, default: [f32; 3]| match config.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Array(a)) => three_numbers(k, a),
+            Some(v) => v
+                .as_f64()
+                .map(|x| [x as f32; 3])
+                .ok_or_else(|| (k.to_string(), "expected a number or three".to_string())),
+        };
         let (mean, std) = defaults.normalize.unwrap_or_default();
         Ok(Self {
             shortest_edge: Some(size),

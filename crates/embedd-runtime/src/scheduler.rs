@@ -198,9 +198,13 @@ impl LiveLoad {
         Ok(id)
     }
 
-    fn ran(&self, id: u64, tokens: usize) {
-        if let Some(left) = self.lock().get_mut(&id) {
-            *left = left.saturating_sub(tokens);
+    /// Takes a batch's tokens off the requests they came from, under one lock.
+    fn ran(&self, done: impl IntoIterator<Item = (u64, usize)>) {
+        let mut remaining = self.lock();
+        for (id, tokens) in done {
+            if let Some(left) = remaining.get_mut(&id) {
+                *left = left.saturating_sub(tokens);
+            }
         }
     }
 
@@ -572,11 +576,13 @@ impl<I: TokenCost, O> Worker<I, O> {
         self.health.batches.fetch_add(1, Ordering::Relaxed);
         self.load
             .record_batch(tokens.iter().sum(), started.elapsed());
-        for (&(r, _), &t) in batch.iter().zip(&tokens) {
-            if let Some(id) = self.pending[r].live_id {
-                self.load.ran(id, t);
-            }
-        }
+        let pending = &self.pending;
+        self.load.ran(
+            batch
+                .iter()
+                .zip(&tokens)
+                .filter_map(|(&(r, _), &t)| Some((pending[r].live_id?, t))),
+        );
         let result = match result {
             Ok(result) => result,
             Err(payload) => {

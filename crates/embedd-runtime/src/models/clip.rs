@@ -174,16 +174,8 @@ impl ClipAttention {
     /// `bias` is added to the scores (`[batch or 1, 1, seq, seq]`), if any.
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, l, h) = x.dims3()?;
-        // [3, b, heads, l, head_dim]
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, l, 3, self.heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let part = |i: usize| qkv.get(i)?.contiguous();
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let q = (part(0)? * scale)?;
-        let (k, v) = (part(1)?, part(2)?);
+        let (q, k, v) = super::split_qkv(&self.qkv.forward(x)?, self.heads, self.head_dim)?;
+        let q = (q * (self.head_dim as f64).powf(-0.5))?;
         let mut scores = q.matmul(&k.t()?)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;

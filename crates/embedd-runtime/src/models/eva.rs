@@ -123,9 +123,9 @@ impl EvaVisionConfig {
     }
 }
 
-/// The 2D rotary table of the patch grid: `[grid * grid, head_dim]` cos and sin, the first half
-/// of each head turned by the patch's row, the second by its column, channel pairs sharing an
-/// angle.
+/// The 2D rotary table of the tokens: `[1 + grid * grid, head_dim]` cos and sin. The class token
+/// (row 0) is not turned (cos 1, sin 0); for the patches the first half of each head is turned by
+/// the patch's row, the second by its column, channel pairs sharing an angle.
 fn rotary_tables(c: &EvaVisionConfig) -> (Vec<f32>, Vec<f32>) {
     let (grid, head_dim) = (c.grid(), c.head_width);
     let half = head_dim / 2;
@@ -134,8 +134,8 @@ fn rotary_tables(c: &EvaVisionConfig) -> (Vec<f32>, Vec<f32>) {
         .collect();
     let reference = if c.intp_freq { c.pt_hw_seq_len } else { grid } as f64;
     let position = |i: usize| i as f64 / grid as f64 * reference;
-    let mut cos = Vec::with_capacity(grid * grid * head_dim);
-    let mut sin = Vec::with_capacity(grid * grid * head_dim);
+    let mut cos = vec![1.0; head_dim];
+    let mut sin = vec![0.0; head_dim];
     for row in 0..grid {
         for col in 0..grid {
             for channel in 0..head_dim {
@@ -194,16 +194,8 @@ impl EvaAttention {
 
     fn forward(&self, x: &Tensor, rotary: &Rotary) -> candle_core::Result<Tensor> {
         let (n, l, w) = x.dims3()?;
-        // [3, n, heads, l, head_dim]
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((n, l, 3, self.heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let part = |i: usize| qkv.get(i)?.contiguous();
-        let q = rotary.apply(&part(0)?)?;
-        let k = rotary.apply(&part(1)?)?;
-        let v = part(2)?;
+        let (q, k, v) = super::split_qkv(&self.qkv.forward(x)?, self.heads, self.head_dim)?;
+        let (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = (q * scale)?.matmul(&k.t()?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -212,7 +204,7 @@ impl EvaAttention {
     }
 }
 
-/// The rotary table on the tower's device; the class token (position 0) is not rotated.
+/// The rotary table on the tower's device, one row per token (the class token's the identity).
 struct Rotary {
     cos: Tensor,
     sin: Tensor,
@@ -222,15 +214,12 @@ impl Rotary {
     /// `x`: `[n, heads, 1 + patches, head_dim]`.
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, heads, l, d) = x.dims4()?;
-        let class = x.narrow(2, 0, 1)?;
-        let patches = x.narrow(2, 1, l - 1)?;
-        let pairs = patches.reshape((n, heads, l - 1, d / 2, 2))?;
+        let pairs = x.reshape((n, heads, l, d / 2, 2))?;
         let first = pairs.narrow(D::Minus1, 0, 1)?;
         let second = pairs.narrow(D::Minus1, 1, 1)?;
         let turned =
-            Tensor::cat(&[&second.neg()?, &first], D::Minus1)?.reshape((n, heads, l - 1, d))?;
-        let rotated = (patches.broadcast_mul(&self.cos)? + turned.broadcast_mul(&self.sin)?)?;
-        Tensor::cat(&[&class, &rotated], 2)
+            Tensor::cat(&[&second.neg()?, &first], D::Minus1)?.reshape((n, heads, l, d))?;
+        x.broadcast_mul(&self.cos)? + turned.broadcast_mul(&self.sin)?
     }
 }
 
@@ -320,7 +309,8 @@ impl EvaVisionTower {
         };
         let (cos, sin) = rotary_tables(c);
         let table = |values: Vec<f32>| -> candle_core::Result<Tensor> {
-            Tensor::from_vec(values, (grid * grid, c.head_width), vb.device())?.to_dtype(vb.dtype())
+            Tensor::from_vec(values, (grid * grid + 1, c.head_width), vb.device())?
+                .to_dtype(vb.dtype())
         };
         let head = match c.proj_type.as_deref() {
             Some("linear") => Some(Linear::new(

@@ -319,6 +319,21 @@ impl Weights {
     }
 }
 
+/// A fused [q | k | v] projection's output `[n, len, 3 * heads * head_dim]` as three contiguous
+/// `[n, heads, len, head_dim]` tensors.
+pub(crate) fn split_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    head_dim: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (n, l, _) = qkv.dims3()?;
+    let parts = qkv
+        .reshape((n, l, 3, heads, head_dim))?
+        .permute((2, 0, 3, 1, 4))?;
+    let part = |i: usize| parts.get(i)?.contiguous();
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
 /// Tensors from safetensors files (memory-mapped; several for a sharded checkpoint) or one
 /// PyTorch `.bin`.
 pub fn var_builder(
