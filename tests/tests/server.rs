@@ -18,6 +18,28 @@ fn health_routes_and_model_listing() {
     assert_eq!(card["kind"], "embedding");
     assert_eq!(card["dimensions"], 384);
     assert_eq!(card["max_input_tokens"], 256);
+    assert_eq!(server.get("/live"), (200, json!({"status": "live"})));
+    assert_eq!(server.get("/ready"), (200, json!({"status": "ready"})));
+}
+
+/// /ready names a job store that does not answer (a PostgreSQL address nothing listens on
+/// cannot even start the server: it fails at once, naming the flag).
+#[test]
+fn an_unreachable_job_store_stops_the_start_naming_the_flag() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = format!("postgres://embedd@127.0.0.1:{port}/embedd");
+    let err = Server::try_start(&["--bulk-store", &store]).err().unwrap();
+    assert!(err.contains("--bulk-store"), "{err}");
+    let err = Server::try_start(&["--bulk-store", "mysql://x"])
+        .err()
+        .unwrap();
+    assert!(err.contains("postgres://"), "{err}");
+    let err = Server::try_start(&["--signing-key", "abcd"]).err().unwrap();
+    assert!(err.contains("--signing-key"), "{err}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod error;
 pub mod input;
 pub mod models;
 pub mod multi_vector;
+pub mod openai_batch;
 mod reader;
 pub mod rerank;
 

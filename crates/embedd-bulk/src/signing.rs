@@ -1,5 +1,6 @@
 //! Signed, expiring download links: HMAC-SHA256 over the job id and the expiry time, with a key
-//! kept under the data dir so links outlive a restart.
+//! given to every replica (so any serves any link) or kept under the data dir (so links outlive
+//! a restart).
 
 use std::path::Path;
 
@@ -14,14 +15,21 @@ pub struct UrlSigner {
 }
 
 impl UrlSigner {
+    /// A key given as hex (`--signing-key`); `None` when it is not hex or shorter than 32 bytes.
+    pub fn from_hex(hexkey: &str) -> Option<Self> {
+        hex::decode(hexkey.trim())
+            .ok()
+            .filter(|key| key.len() >= 32)
+            .map(|key| Self { key })
+    }
+
     /// Loads the key from `path`, creating a random one the first time.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
-        if let Ok(hexkey) = std::fs::read_to_string(path) {
-            if let Ok(key) = hex::decode(hexkey.trim()) {
-                if key.len() >= 32 {
-                    return Ok(Self { key });
-                }
-            }
+        if let Some(signer) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|k| Self::from_hex(&k))
+        {
+            return Ok(signer);
         }
         let mut key = vec![0u8; 32];
         getrandom::fill(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -72,5 +80,16 @@ mod tests {
             "the key survives a restart"
         );
         std::fs::remove_dir_all(dir).unwrap();
+        let shared = "ab".repeat(32);
+        let (a, b) = (
+            UrlSigner::from_hex(&shared).unwrap(),
+            UrlSigner::from_hex(&shared).unwrap(),
+        );
+        assert!(
+            b.verify("job1", 100, &a.sign("job1", 100), 50),
+            "replicas agree"
+        );
+        assert!(UrlSigner::from_hex("abcd").is_none(), "too short");
+        assert!(UrlSigner::from_hex("not hex").is_none());
     }
 }

@@ -22,7 +22,9 @@ const DRAIN_BEYOND_LIMIT: u64 = 16 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 fn route_limit(state: &AppState, method: &Method, path: &str) -> usize {
-    if method == Method::POST && path == crate::routes::BULK_UPLOAD_PATH {
+    let upload =
+        path == crate::routes::BULK_UPLOAD_PATH || path == crate::routes::openai_batch::FILES_PATH;
+    if method == Method::POST && upload {
         state.limits.max_upload_bytes
     } else {
         state.limits.max_body_bytes

@@ -4,17 +4,21 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use embedd_bulk::worker::{EmbedFuture, EmbeddedRows};
-use embedd_bulk::{BulkWorker, JobStore, RowEmbedder, UrlSigner, WorkerConfig};
+use anyhow::Context;
+use axum::response::IntoResponse;
+use embedd_bulk::worker::{EmbedFuture, EmbeddedRows, RequestFuture};
+use embedd_bulk::{BulkWorker, JobObjects, JobStore, RowEmbedder, UrlSigner, WorkerConfig};
 use embedd_runtime::Priority;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::state::ModelRegistry;
+use crate::error::ApiError;
+use crate::state::AppState;
 
 /// Everything the bulk routes share.
 pub struct BulkState {
     pub store: Arc<JobStore>,
+    pub objects: JobObjects,
     pub signer: UrlSigner,
     /// Wakes the worker when a job is uploaded.
     pub wake: Arc<Notify>,
@@ -31,17 +35,43 @@ pub struct BulkState {
 }
 
 impl BulkState {
-    pub fn open(config: &Config) -> anyhow::Result<Self> {
-        let store = Arc::new(JobStore::open(&config.data_dir)?);
-        let signer = UrlSigner::load_or_create(&store.root().join("url-signing.key"))?;
+    /// Opens the job store and object store (`--bulk-store`, `--bulk-objects`) and the signing
+    /// key (`--signing-key`, else one kept in the data dir).
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        let store = JobStore::open(config.bulk_store.as_deref(), &config.data_dir)
+            .await
+            .context("opening the bulk job store (--bulk-store)")?;
+        let local = config.data_dir.join("bulk");
+        let objects = JobObjects::open(config.bulk_objects.as_deref(), &local)
+            .context("opening the bulk object store (--bulk-objects)")?;
+        let signer = match &config.signing_key {
+            Some(key) => UrlSigner::from_hex(key)
+                .context("--signing-key must be hex, at least 32 bytes (64 hex digits)")?,
+            None => {
+                if store.is_shared() {
+                    tracing::warn!(
+                        "bulk jobs are shared but --signing-key is unset: a download link works \
+                         only on the replica that made it"
+                    );
+                }
+                UrlSigner::load_or_create(&local.join("url-signing.key"))?
+            }
+        };
+        tracing::info!(
+            store = store.describe(),
+            objects = objects.describe(),
+            "bulk jobs"
+        );
         Ok(Self {
-            store,
+            store: Arc::new(store),
+            objects,
             signer,
             wake: Arc::new(Notify::new()),
             stopping: Arc::new(AtomicBool::new(false)),
             config: WorkerConfig {
                 chunk_rows: config.bulk_chunk_rows.max(1),
                 workers: config.bulk_workers.max(1),
+                lease: crate::config::seconds(config.bulk_lease_secs.max(1.0)),
                 retention: Duration::from_secs(config.bulk_retention_hours * 3600),
                 poll: Duration::from_secs(2),
                 notify_command: config.bulk_notify_command.clone(),
@@ -70,10 +100,11 @@ impl BulkState {
         let _ = self.listen_url.set(format!("http://{addr}"));
     }
 
-    pub fn worker(&self, models: Arc<ModelRegistry>) -> BulkWorker {
+    pub fn worker(&self, state: AppState) -> BulkWorker {
         BulkWorker::new(
             self.store.clone(),
-            Arc::new(RegistryRows { models }),
+            self.objects.clone(),
+            Arc::new(RegistryRows { state }),
             self.config.clone(),
             self.wake.clone(),
             self.stopping.clone(),
@@ -81,15 +112,61 @@ impl BulkState {
     }
 }
 
-/// Embeds bulk rows with the served model, truncated to its length, at background priority.
+/// Embeds bulk rows with the served model, truncated to its length, and answers batch
+/// requests as their routes do, both at background priority.
 struct RegistryRows {
-    models: Arc<ModelRegistry>,
+    state: AppState,
+}
+
+/// An error as its route would answer it: status and JSON body.
+async fn error_answer(error: ApiError) -> (u16, serde_json::Value) {
+    let response = error.into_response();
+    let status = response.status().as_u16();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({"detail": "the request failed"}));
+    (status, body)
 }
 
 impl RowEmbedder for RegistryRows {
+    fn run_request<'a>(
+        &'a self,
+        endpoint: &'a str,
+        body: serde_json::Map<String, serde_json::Value>,
+    ) -> RequestFuture<'a> {
+        Box::pin(async move {
+            if endpoint != "/v1/embeddings" {
+                return error_answer(ApiError::NotFound(format!(
+                    "batches can target /v1/embeddings, not '{endpoint}'"
+                )))
+                .await;
+            }
+            let body = serde_json::Value::Object(body);
+            match crate::routes::embeddings::embed(&self.state, &body, Priority::Background).await {
+                Ok(response) => match serde_json::to_value(response) {
+                    Ok(value) => (200, value),
+                    Err(e) => error_answer(ApiError::Internal(e.to_string())).await,
+                },
+                Err(e) => error_answer(e).await,
+            }
+        })
+    }
+
+    fn models(&self) -> Vec<String> {
+        self.state
+            .models
+            .iter()
+            .filter(|m| m.capabilities.kind == embedd_api::ModelKind::Embedding)
+            .map(|m| m.capabilities.name.clone())
+            .collect()
+    }
+
     fn embed<'a>(&'a self, model: &'a str, texts: Vec<String>) -> EmbedFuture<'a> {
         Box::pin(async move {
             let embedder = self
+                .state
                 .models
                 .embedder(model)
                 .ok()

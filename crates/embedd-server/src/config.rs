@@ -126,11 +126,27 @@ pub struct Config {
     #[arg(long, env = "EMBEDD_MAX_UPLOAD_BYTES", default_value_t = 100 * 1024 * 1024)]
     pub max_upload_bytes: usize,
 
-    /// Rows a bulk job embeds and commits at a time.
+    /// Where bulk jobs' state lives: a PostgreSQL address (postgres://USER:PASS@HOST/DB) that
+    /// replicas share; default: SQLite under the data dir, for one process.
+    #[arg(long, env = "EMBEDD_BULK_STORE")]
+    pub bulk_store: Option<String>,
+
+    /// Where bulk jobs' uploads and results live: an S3 bucket (s3://BUCKET/PREFIX, with the
+    /// standard AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION) that
+    /// replicas share; default: files under the data dir.
+    #[arg(long, env = "EMBEDD_BULK_OBJECTS")]
+    pub bulk_objects: Option<String>,
+
+    /// Rows a bulk job embeds and commits at a time (fixed per job when it is uploaded).
     #[arg(long, env = "EMBEDD_BULK_CHUNK_ROWS", default_value_t = 256)]
     pub bulk_chunk_rows: usize,
 
-    /// Bulk chunks embedded at once, each of a different job (jobs take turns by key).
+    /// How long a replica holds a bulk chunk without renewing its lease; a replica that dies
+    /// mid-chunk has it redone by another this long after its last renewal.
+    #[arg(long, env = "EMBEDD_BULK_LEASE_SECS", default_value_t = 60.0)]
+    pub bulk_lease_secs: f64,
+
+    /// Bulk chunks this replica embeds at once (keys take turns chunk by chunk).
     #[arg(long, env = "EMBEDD_BULK_WORKERS", default_value_t = 1)]
     pub bulk_workers: usize,
 
@@ -146,6 +162,11 @@ pub struct Config {
     /// EMBEDD_JOB_ID, EMBEDD_JOB_STATUS, EMBEDD_JOB_EMAIL and EMBEDD_JOB_ERROR set.
     #[arg(long, env = "EMBEDD_BULK_NOTIFY_COMMAND")]
     pub bulk_notify_command: Option<String>,
+
+    /// The key download links are signed with (hex, at least 32 bytes), shared by replicas so
+    /// any of them serves any link; default: generated into the data dir.
+    #[arg(long, env = "EMBEDD_SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<String>,
 
     /// How long a bulk result download link stays valid, in seconds.
     #[arg(long, env = "EMBEDD_DOWNLOAD_URL_TTL_SECS", default_value_t = 3600)]

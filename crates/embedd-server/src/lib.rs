@@ -34,16 +34,23 @@ use crate::state::{AppState, Limits, ModelRegistry, ServedModel};
 
 /// Loads every configured model and opens the bulk store; any failure names the model and the
 /// file or field at fault.
-pub fn build_state(config: &Config) -> anyhow::Result<AppState> {
+pub async fn build_state(config: &Config) -> anyhow::Result<AppState> {
     metrics::install();
-    let registry = load_models(config)?;
-    state_with_models(config, registry)
+    let load_config = config.clone();
+    let registry = tokio::task::spawn_blocking(move || load_models(&load_config))
+        .await
+        .context("model loading task")??;
+    state_with_models(config, registry).await
 }
 
 /// The state around an already loaded set of models.
-pub fn state_with_models(config: &Config, registry: ModelRegistry) -> anyhow::Result<AppState> {
+pub async fn state_with_models(
+    config: &Config,
+    registry: ModelRegistry,
+) -> anyhow::Result<AppState> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let bulk = Arc::new(bulk::BulkState::open(config).await?);
     Ok(AppState {
         models: Arc::new(registry),
         api_keys: Arc::new(
@@ -64,7 +71,7 @@ pub fn state_with_models(config: &Config, registry: ModelRegistry) -> anyhow::Re
             body_read_timeout: config::seconds(config.body_read_timeout_secs),
             upload_read_timeout: config::seconds(config.upload_read_timeout_secs),
         },
-        bulk: Arc::new(bulk::BulkState::open(config)?),
+        bulk,
         concurrency: admission::ConcurrencyLimit::new(config.max_concurrent_requests),
         images: images::ImageFetcher::new(images::FetchLimits {
             max_bytes: config.max_image_bytes,

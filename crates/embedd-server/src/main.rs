@@ -52,10 +52,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = Config::parse();
     init_logging(config.json_logs);
-    let load_config = config.clone();
-    let state = tokio::task::spawn_blocking(move || build_state(&load_config))
-        .await
-        .context("model loading task")??;
+    let state = build_state(&config).await?;
     let listener = serve::bind(
         SocketAddr::new(config.host, config.port),
         config.listen_backlog,
@@ -63,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
     state.bulk.set_listen_address(addr);
-    let worker = tokio::spawn(state.bulk.worker(state.models.clone()).run());
+    let worker = tokio::spawn(state.bulk.worker(state.clone()).run());
     let stopping = state.bulk.stopping.clone();
     tracing::info!(%addr, "embedd listening");
     // Tests and supervisors read this line to learn the port when --port 0 is used.

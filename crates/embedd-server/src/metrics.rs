@@ -82,7 +82,7 @@ pub async fn render(State(state): State<AppState>) -> Response {
     for (model, queued) in state.models.queue_depths() {
         metrics::gauge!("embedd_queue_depth", "model" => model).set(queued as f64);
     }
-    if let Ok(counts) = state.bulk.store.count_by_status() {
+    if let Ok(counts) = state.bulk.store.count_by_status().await {
         for status in ["waiting", "in-progress", "completed", "failed"] {
             let n = counts
                 .iter()

@@ -88,7 +88,9 @@ async fn a_panicking_batch_fails_alone_and_health_reports_it() {
     registry.insert(ServedModel::Embedding(Arc::new(model)));
     let data = std::env::temp_dir().join(format!("embedd-panic-{}", std::process::id()));
     let config = Config::parse_from(["embedd", "--data-dir", data.to_str().unwrap()]);
-    let state = embedd_server::state_with_models(&config, registry).unwrap();
+    let state = embedd_server::state_with_models(&config, registry)
+        .await
+        .unwrap();
     let router = embedd_server::routes::router(state);
 
     let (status, body) = call(&router, embed("boom")).await;

@@ -10,7 +10,9 @@ use axum::{Extension, Json};
 use embedd_api::{
     BulkJob, BulkJobStatus, DownloadResult, ModelKind, ValidationError, ValidationErrors,
 };
-use embedd_bulk::{csv_input, NewJob};
+use embedd_bulk::store::JobRecord;
+use embedd_bulk::{csv_input, new_job_id, JobKind, NewJob, RESULT_HEADER};
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::auth::Caller;
@@ -124,54 +126,69 @@ pub async fn start(
         ));
     }
     let checked = bytes.clone();
-    let summary = super::off_runtime("CSV check", move || csv_input::check(&checked[..]))
-        .await?
-        .map_err(|e| field_error("file", e.to_string()))?;
-
-    let bulk = state.bulk.clone();
-    let user = caller.0.clone();
-    let job = super::off_runtime("job store", move || {
-        let cap = bulk.max_jobs_per_key;
-        let queued = bulk
-            .store
-            .unfinished_of(&user)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        if queued >= cap {
-            return Err(ApiError::Overloaded {
-                message: format!(
-                    "this key has {queued} bulk jobs waiting or running, the limit; \
-                     retry when one has finished"
-                ),
-                retry_after_secs: 60,
-            });
-        }
-        bulk.store
-            .create(NewJob {
-                user_id: &user,
-                model_name: &model,
-                file_name: &file_name,
-                user_email: email.as_deref().map(str::trim),
-                total_rows: summary.rows,
-                upload: &bytes,
-            })
-            .map_err(|e| ApiError::Internal(e.to_string()))
+    let chunk_rows = state.bulk.config.chunk_rows as u64;
+    let summary = super::off_runtime("CSV check", move || {
+        csv_input::check(&checked[..], chunk_rows)
     })
-    .await??;
+    .await?
+    .map_err(|e| field_error("file", e.to_string()))?;
+
+    let bulk = &state.bulk;
+    let queued = bulk
+        .store
+        .unfinished_of(&caller.0)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if queued >= bulk.max_jobs_per_key {
+        return Err(ApiError::Overloaded {
+            message: format!(
+                "this key has {queued} bulk jobs waiting or running, the limit; \
+                 retry when one has finished"
+            ),
+            retry_after_secs: 60,
+        });
+    }
+    // The upload is stored before the job exists: once the job is visible, it can run.
+    let id = new_job_id().map_err(|e| ApiError::Internal(e.to_string()))?;
+    bulk.objects
+        .put_input(&id, bytes)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let job = bulk
+        .store
+        .create(NewJob::csv(
+            id,
+            caller.0.clone(),
+            model,
+            file_name,
+            email.as_deref().map(|e| e.trim().to_string()),
+            summary,
+        ))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     state.bulk.wake.notify_one();
     Ok(Json(job))
 }
 
-/// The job, if it exists and belongs to the caller.
-fn owned_job(state: &AppState, caller: &Caller, job_id: &str) -> Result<BulkJob, ApiError> {
-    let not_found = || ApiError::NotFound(format!("bulk embedding job '{job_id}' not found"));
-    let record = state
+/// The job, if it exists.
+async fn find_job(state: &AppState, job_id: &str) -> Result<JobRecord, ApiError> {
+    state
         .bulk
         .store
         .get(job_id)
+        .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(not_found)?;
-    if record.job.user_id != caller.0 {
-        return Err(not_found());
+        .ok_or_else(|| ApiError::NotFound(format!("bulk embedding job '{job_id}' not found")))
+}
+
+/// The job, if it exists and belongs to the caller.
+async fn owned_job(state: &AppState, caller: &Caller, job_id: &str) -> Result<BulkJob, ApiError> {
+    let record = find_job(state, job_id).await?;
+    // OpenAI batches live in the same store; they are not bulk-embeddings jobs.
+    if record.job.user_id != caller.0 || record.kind != JobKind::Csv {
+        return Err(ApiError::NotFound(format!(
+            "bulk embedding job '{job_id}' not found"
+        )));
     }
     Ok(record.job)
 }
@@ -191,7 +208,7 @@ pub async fn status(
     Extension(caller): Extension<Caller>,
     Path(job_id): Path<String>,
 ) -> Result<Json<BulkJob>, ApiError> {
-    owned_job(&state, &caller, &job_id).map(Json)
+    owned_job(&state, &caller, &job_id).await.map(Json)
 }
 
 fn unix_now() -> u64 {
@@ -217,7 +234,7 @@ pub async fn download_link(
     headers: HeaderMap,
     Path(job_id): Path<String>,
 ) -> Result<Json<DownloadResult>, ApiError> {
-    let job = owned_job(&state, &caller, &job_id)?;
+    let job = owned_job(&state, &caller, &job_id).await?;
     if job.status != BulkJobStatus::Completed {
         let detail = match job.status {
             BulkJobStatus::Failed => format!(
@@ -277,11 +294,28 @@ pub async fn download(
             "the download link is invalid or has expired; ask for a new one".into(),
         ));
     }
-    let path = state.bulk.store.result_path(&job_id);
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| ApiError::NotFound(format!("no result for job '{job_id}'")))?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let record = find_job(&state, &job_id).await?;
+    if record.job.status != BulkJobStatus::Completed || record.kind != JobKind::Csv {
+        return Err(ApiError::NotFound(format!("no result for job '{job_id}'")));
+    }
+    let mut chunks = state
+        .bulk
+        .objects
+        .result_stream(&job_id, record.chunks, RESULT_HEADER);
+    // The header and the first chunk are fetched before the status line goes out, so a store
+    // that cannot serve the result gives an error response rather than a cut-off body.
+    let mut head = Vec::with_capacity(2);
+    for _ in 0..2 {
+        match chunks.next().await {
+            Some(Ok(piece)) => head.push(Ok(piece)),
+            Some(Err(e)) if e.is_not_found() => {
+                return Err(ApiError::NotFound(format!("no result for job '{job_id}'")))
+            }
+            Some(Err(e)) => return Err(ApiError::Internal(e.to_string())),
+            None => break,
+        }
+    }
+    let body = Body::from_stream(futures_util::stream::iter(head).chain(chunks));
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),

@@ -6,6 +6,7 @@ use embedd_api::{
     check_input_count, EmbedRequest, EmbedResponse, InputItem, LocItem, ValidationError,
     ValidationErrors,
 };
+use embedd_runtime::Priority;
 use futures_util::StreamExt;
 
 use crate::error::ApiError;
@@ -29,7 +30,17 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<EmbedResponse>, ApiError> {
-    let request = EmbedRequest::from_json(&body)?;
+    embed(&state, &body, Priority::Live).await.map(Json)
+}
+
+/// The route's work, for a live request or (at background priority, past admission, which
+/// guards live latency) a batch request.
+pub(crate) async fn embed(
+    state: &AppState,
+    body: &serde_json::Value,
+    priority: Priority,
+) -> Result<EmbedResponse, ApiError> {
+    let request = EmbedRequest::from_json(body)?;
     let lookup = state.models.embedder(&request.model)?;
     request.check_against(&lookup.capabilities)?;
     let model = lookup.checked()?;
@@ -46,9 +57,11 @@ pub async fn create(
         }
     }
     let texts = request.texts();
-    model
-        .check_admission(&texts, image_slots.len() * model.tokens_per_image())
-        .map_err(|e| ApiError::from_runtime(e, "input"))?;
+    if priority == Priority::Live {
+        model
+            .check_admission(&texts, image_slots.len() * model.tokens_per_image())
+            .map_err(|e| ApiError::from_runtime(e, "input"))?;
+    }
     let (truncate, late_chunking) = (request.truncate, request.late_chunking);
     let task = request.task.map(|t| t.as_str());
     let tokenizer_model = model.clone();
@@ -61,12 +74,12 @@ pub async fn create(
     })
     .await?
     .map_err(|e| ApiError::from_runtime(e, "input"))?;
-    let pixel_items = prepare_images(&state, &model, image_slots.clone()).await?;
+    let pixel_items = prepare_images(state, &model, image_slots.clone()).await?;
     let planned = super::total_tokens(&text_items) + super::total_tokens(&pixel_items);
     embedd_api::check_token_budget(planned, state.limits.max_request_tokens, "input")?;
 
     let (texts, images) = tokio::join!(
-        model.embed(text_items),
+        model.embed_with(text_items, priority),
         model.embed_images_if_any(pixel_items)
     );
     let texts = texts.map_err(|e| ApiError::from_runtime(e, "input"))?;
@@ -85,7 +98,7 @@ pub async fn create(
         }
         slots.into_iter().flatten().collect()
     };
-    Ok(Json(EmbedResponse::new(&request, vectors, tokens)))
+    Ok(EmbedResponse::new(&request, vectors, tokens))
 }
 
 /// Fetches or decodes every image input, then decodes and preprocesses it off the runtime;

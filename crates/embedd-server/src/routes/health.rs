@@ -1,6 +1,8 @@
-//! `GET /` (the contract's health check), `GET /health`, `GET /v1/models`.
+//! `GET /` (the contract's health check), `GET /health`, `/live` and `/ready` for orchestrators,
+//! `GET /v1/models`.
 
-use std::time::UNIX_EPOCH;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -42,6 +44,53 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         status,
         Json(json!({"status": word, "models": names, "model_health": models})),
     )
+}
+
+/// Liveness: the process answers. Orchestrators restart it when this fails.
+#[utoipa::path(get, path = "/live", tag = "health", responses((status = 200, description = "The process answers", body = Object)))]
+pub async fn live() -> Json<Value> {
+    Json(json!({"status": "live"}))
+}
+
+/// How long `/ready` waits for each store.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Readiness: every model serving (models load before the server listens), the bulk job store
+/// and object store answering, and not shutting down. 503 names what is not ready, so an
+/// orchestrator sends traffic elsewhere until it is.
+#[utoipa::path(get, path = "/ready", tag = "health", responses(
+    (status = 200, description = "Ready for traffic", body = Object),
+    (status = 503, description = "Not ready: the body names why", body = Object),
+))]
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let mut waiting = Vec::new();
+    for served in state.models.iter() {
+        if served.health().state != WorkerState::Serving {
+            waiting.push(format!("model '{}' has stopped", served.capabilities.name));
+        }
+    }
+    let bulk = &state.bulk;
+    match tokio::time::timeout(STORE_PROBE_TIMEOUT, bulk.store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => waiting.push(format!("bulk job store: {e}")),
+        Err(_) => waiting.push("bulk job store: no answer within 2 s".into()),
+    }
+    match tokio::time::timeout(STORE_PROBE_TIMEOUT, bulk.objects.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => waiting.push(format!("bulk object store: {e}")),
+        Err(_) => waiting.push("bulk object store: no answer within 2 s".into()),
+    }
+    if bulk.stopping.load(Ordering::Acquire) {
+        waiting.push("shutting down".into());
+    }
+    if waiting.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "reasons": waiting})),
+        )
+    }
 }
 
 fn report_json(report: &HealthReport) -> Value {

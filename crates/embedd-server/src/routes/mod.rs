@@ -4,6 +4,7 @@ pub mod bulk;
 pub mod embeddings;
 pub mod health;
 pub mod multi_vector;
+pub mod openai_batch;
 pub mod openapi;
 pub mod rerank;
 
@@ -42,6 +43,28 @@ pub fn router(state: AppState) -> Router {
             "/v1/bulk-embeddings/{job_id}/download-result",
             post(bulk::download_link),
         )
+        .route(
+            openai_batch::FILES_PATH,
+            post(openai_batch::upload_file)
+                .layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)),
+        )
+        .route(
+            "/v1/files/{file_id}",
+            get(openai_batch::get_file).delete(openai_batch::delete_file),
+        )
+        .route(
+            "/v1/files/{file_id}/content",
+            get(openai_batch::file_content),
+        )
+        .route(
+            "/v1/batches",
+            post(openai_batch::create_batch).get(openai_batch::list_batches),
+        )
+        .route("/v1/batches/{batch_id}", get(openai_batch::get_batch))
+        .route(
+            "/v1/batches/{batch_id}/cancel",
+            post(openai_batch::cancel_batch),
+        )
         .route("/v1/models", get(health::list_models))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .route_layer(middleware::from_fn_with_state(
@@ -51,6 +74,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(health::root))
         .route("/health", get(health::health))
+        .route("/live", get(health::live))
+        .route("/ready", get(health::ready))
         .route("/openapi.json", get(openapi::document))
         .route("/docs", get(openapi::docs_page))
         .route("/metrics", get(crate::metrics::render))
