@@ -450,6 +450,45 @@ fn task_selects_the_adapter_of_a_model_that_has_them() {
     assert_eq!(vectors(&resp).len(), 2);
 }
 
+/// A decoder embedder over HTTP (jina-code-embeddings' layout, tests/fixtures/make_qwen2_fixture.py):
+/// code tasks bring the model's prompts, last-token vectors match transformers, Matryoshka
+/// `dimensions` and the 422s are those of every family.
+#[test]
+fn code_tasks_on_a_decoder_embedder() {
+    let dir = workspace().join("tests/fixtures/models/tiny-qwen2-code");
+    let spec = format!("code={}", dir.display());
+    let server = Server::start(&["--model", &spec]);
+    let path = workspace().join("tests/fixtures/qwen2_code.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (query, passage) = (&fixture["cases"][3], &fixture["cases"][4]);
+    for (task, text, case) in [
+        ("nl2code.query", "sort a list in place", query),
+        ("nl2code.passage", "xs.sort()", passage),
+    ] {
+        let (status, resp) = server.post(
+            "/v1/embeddings",
+            &json!({"model": "code", "input": [text], "task": task}),
+        );
+        assert_eq!(status, 200, "{resp}");
+        assert_eq!(resp["usage"]["total_tokens"], case["tokens"]);
+        let c = cosine(&vectors(&resp)[0], &floats(&case["vector"]));
+        assert!(c >= 0.9999, "{task}: cosine {c}");
+    }
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "code", "input": ["xs.sort()"], "task": "code2code.query",
+                "dimensions": 16}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(vectors(&resp)[0].len(), 16);
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "code", "input": ["x"], "task": "code2poetry.query"}),
+    );
+    assert_eq!(status, 422, "{resp}");
+    assert_eq!(resp["detail"][0]["loc"], json!(["body", "task"]));
+}
+
 /// `--max-request-tokens` bounds one request's model time: past it, a 422 naming `input`, for
 /// plain and late-chunked requests alike; within it, served.
 #[test]

@@ -35,7 +35,9 @@ impl InputItem {
     }
 }
 
-/// The downstream use a client names; models with task adapters pick one by it, others ignore it.
+/// The downstream use a client names; models with task adapters pick one by it, models with
+/// task prompts put the prompt in front, others ignore it. The code tasks are
+/// jina-code-embeddings', as the hosted API names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub enum Task {
     #[serde(rename = "retrieval.query")]
@@ -48,36 +50,73 @@ pub enum Task {
     Classification,
     #[serde(rename = "separation")]
     Separation,
+    #[serde(rename = "nl2code.query")]
+    Nl2CodeQuery,
+    #[serde(rename = "nl2code.passage")]
+    Nl2CodePassage,
+    #[serde(rename = "code2code.query")]
+    Code2CodeQuery,
+    #[serde(rename = "code2code.passage")]
+    Code2CodePassage,
+    #[serde(rename = "code2nl.query")]
+    Code2NlQuery,
+    #[serde(rename = "code2nl.passage")]
+    Code2NlPassage,
+    #[serde(rename = "code2completion.query")]
+    Code2CompletionQuery,
+    #[serde(rename = "code2completion.passage")]
+    Code2CompletionPassage,
+    #[serde(rename = "qa.query")]
+    QaQuery,
+    #[serde(rename = "qa.passage")]
+    QaPassage,
 }
 
 impl Task {
-    pub const NAMES: [&'static str; 5] = [
+    pub const ALL: [Task; 15] = [
+        Task::RetrievalQuery,
+        Task::RetrievalPassage,
+        Task::TextMatching,
+        Task::Classification,
+        Task::Separation,
+        Task::Nl2CodeQuery,
+        Task::Nl2CodePassage,
+        Task::Code2CodeQuery,
+        Task::Code2CodePassage,
+        Task::Code2NlQuery,
+        Task::Code2NlPassage,
+        Task::Code2CompletionQuery,
+        Task::Code2CompletionPassage,
+        Task::QaQuery,
+        Task::QaPassage,
+    ];
+
+    pub const NAMES: [&'static str; 15] = [
         "retrieval.query",
         "retrieval.passage",
         "text-matching",
         "classification",
         "separation",
+        "nl2code.query",
+        "nl2code.passage",
+        "code2code.query",
+        "code2code.passage",
+        "code2nl.query",
+        "code2nl.passage",
+        "code2completion.query",
+        "code2completion.passage",
+        "qa.query",
+        "qa.passage",
     ];
 
     pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "retrieval.query" => Task::RetrievalQuery,
-            "retrieval.passage" => Task::RetrievalPassage,
-            "text-matching" => Task::TextMatching,
-            "classification" => Task::Classification,
-            "separation" => Task::Separation,
-            _ => return None,
-        })
+        let at = Self::NAMES.iter().position(|n| *n == name)?;
+        Some(Self::ALL[at])
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Task::RetrievalQuery => "retrieval.query",
-            Task::RetrievalPassage => "retrieval.passage",
-            Task::TextMatching => "text-matching",
-            Task::Classification => "classification",
-            Task::Separation => "separation",
-        }
+        let at = Self::ALL.iter().position(|t| *t == self).unwrap_or(0);
+        Self::NAMES[at]
     }
 }
 

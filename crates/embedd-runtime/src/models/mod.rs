@@ -12,7 +12,7 @@ pub mod dense;
 pub mod eva;
 pub mod jina_clip;
 pub mod lora;
-pub mod qwen3;
+pub mod qwen;
 pub mod t5;
 
 use std::collections::BTreeMap;
@@ -97,7 +97,7 @@ pub const FAMILIES: &[(&[&str], ReadConfig)] = &[
     (&["t5"], t5::read_config),
     (&["clip"], clip::read_config),
     (&["jina_clip"], jina_clip::read_config),
-    (&["qwen3"], qwen3::read_config),
+    (&["qwen3", "qwen2"], qwen::read_config),
 ];
 
 /// A checkpoint's architecture, from `config.json`, resolved once at load.
@@ -116,6 +116,7 @@ pub enum Family {
     T5Encoder,
     Clip,
     JinaClip,
+    Qwen2,
     Qwen3,
 }
 
@@ -130,6 +131,7 @@ impl Family {
             Family::T5Encoder => "t5-encoder",
             Family::Clip => "clip",
             Family::JinaClip => "jina-clip",
+            Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
         }
     }
@@ -158,11 +160,21 @@ impl TaskAdapters {
         if !self.names.is_empty() || self.pinned.is_some() {
             return self;
         }
+        // jina-code-embeddings names its prompts TASK_query / TASK_document; plain retrieval
+        // takes the natural-language-to-code pair, code search being what the model is for.
         let roles: [(&str, &[&str]); 2] = [
-            ("retrieval.query", &["retrieval.query", "query"]),
+            (
+                "retrieval.query",
+                &["retrieval.query", "query", "nl2code_query"],
+            ),
             (
                 "retrieval.passage",
-                &["retrieval.passage", "document", "passage"],
+                &[
+                    "retrieval.passage",
+                    "document",
+                    "passage",
+                    "nl2code_document",
+                ],
             ),
         ];
         for (task, names) in roles {
@@ -173,6 +185,14 @@ impl TaskAdapters {
         for task in ["text-matching", "classification", "separation"] {
             if let Some(prompt) = prompts.get(task) {
                 self.instructions.insert(task.to_string(), prompt.clone());
+            }
+        }
+        for code_task in ["nl2code", "code2code", "code2nl", "code2completion", "qa"] {
+            for (role, suffix) in [("query", "query"), ("passage", "document")] {
+                if let Some(prompt) = prompts.get(&format!("{code_task}_{suffix}")) {
+                    self.instructions
+                        .insert(format!("{code_task}.{role}"), prompt.clone());
+                }
             }
         }
         self

@@ -1,7 +1,8 @@
-//! Qwen3 (the Qwen3-Embedding line) as a decoder embedder, in the transformers layout
-//! (`Qwen3Model`): causal attention with grouped key/value heads, RMSNorm on each head's query
-//! and key, rotary positions, SwiGLU feed-forwards, pre-RMSNorm blocks; the text's vector is its
-//! last token's. Runs on candle's graph.
+//! Qwen2 and Qwen3 decoders as embedders (Qwen3-Embedding; jina-code-embeddings, built on
+//! Qwen2.5-Coder), in the transformers layout (`Qwen3Model`, `Qwen2Model`): causal attention with
+//! grouped key/value heads, rotary positions, SwiGLU feed-forwards, pre-RMSNorm blocks; Qwen3
+//! RMS-normalizes each head's query and key, Qwen2 biases the query, key and value projections
+//! instead. The text's vector is its last token's. Runs on candle's graph.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -23,9 +24,22 @@ fn default_act() -> String {
     "silu".into()
 }
 
-/// The fields of a Qwen3 `config.json` the family reads.
+/// Where the two generations differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QwenGeneration {
+    /// Biased q/k/v projections.
+    Qwen2,
+    /// Per-head q/k RMSNorm; biases only with `attention_bias`.
+    #[default]
+    Qwen3,
+}
+
+/// The fields of a Qwen2 or Qwen3 `config.json` the family reads.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Qwen3Config {
+    /// From `model_type`.
+    #[serde(skip)]
+    pub generation: QwenGeneration,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -72,8 +86,11 @@ impl Qwen3Config {
 pub(super) fn read_config(
     raw: &serde_json::Value,
 ) -> std::result::Result<Box<dyn FamilyConfig>, (String, String)> {
-    let config: Qwen3Config = serde_json::from_value(raw.clone())
-        .map_err(|e| ("(qwen3 config)".to_string(), e.to_string()))?;
+    let mut config: Qwen3Config = serde_json::from_value(raw.clone())
+        .map_err(|e| ("(qwen config)".to_string(), e.to_string()))?;
+    if raw.get("model_type").and_then(serde_json::Value::as_str) == Some("qwen2") {
+        config.generation = QwenGeneration::Qwen2;
+    }
     let refuse = |field: &str, reason: String| Err((field.to_string(), reason));
     if config.num_key_value_heads == 0
         || !config
@@ -98,12 +115,6 @@ pub(super) fn read_config(
         return refuse(
             "hidden_act",
             format!("'{}' is not supported (silu)", config.hidden_act),
-        );
-    }
-    if config.attention_bias {
-        return refuse(
-            "attention_bias",
-            "attention biases are not supported".into(),
         );
     }
     if config.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
@@ -137,7 +148,10 @@ pub(super) fn read_config(
 
 impl FamilyConfig for Qwen3Config {
     fn family(&self) -> Family {
-        Family::Qwen3
+        match self.generation {
+            QwenGeneration::Qwen2 => Family::Qwen2,
+            QwenGeneration::Qwen3 => Family::Qwen3,
+        }
     }
 
     fn hidden_size(&self) -> usize {
@@ -154,8 +168,8 @@ impl FamilyConfig for Qwen3Config {
     }
 
     fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
-        plan.without_fused_kernels("Qwen3")?;
-        // Saved from Qwen3ForCausalLM the layers sit under `model.`; from Qwen3Model at the root.
+        plan.without_fused_kernels("Qwen")?;
+        // Saved from a *ForCausalLM the layers sit under `model.`; from *Model at the root.
         let vb = if weights.vb.contains_tensor("model.embed_tokens.weight") {
             weights.vb.pp("model")
         } else {
@@ -205,8 +219,9 @@ struct Qwen3Attention {
     k: Linear,
     v: Linear,
     o: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
+    /// Qwen3's per-head norms (Qwen2 has none).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -216,13 +231,19 @@ impl Qwen3Attention {
     fn load(vb: VarBuilder, c: &Qwen3Config) -> candle_core::Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim());
         let (q_out, kv_out) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let qwen2 = c.generation == QwenGeneration::Qwen2;
+        let (qkv_bias, o_bias) = (qwen2 || c.attention_bias, !qwen2 && c.attention_bias);
+        let norm = |name: &str| match qwen2 {
+            true => Ok(None),
+            false => candle_nn::rms_norm(d, c.rms_norm_eps, vb.pp(name)).map(Some),
+        };
         Ok(Self {
-            q: candle_nn::linear_no_bias(h, q_out, vb.pp("q_proj"))?,
-            k: candle_nn::linear_no_bias(h, kv_out, vb.pp("k_proj"))?,
-            v: candle_nn::linear_no_bias(h, kv_out, vb.pp("v_proj"))?,
-            o: candle_nn::linear_no_bias(q_out, h, vb.pp("o_proj"))?,
-            q_norm: candle_nn::rms_norm(d, c.rms_norm_eps, vb.pp("q_norm"))?,
-            k_norm: candle_nn::rms_norm(d, c.rms_norm_eps, vb.pp("k_norm"))?,
+            q: candle_nn::linear_b(h, q_out, qkv_bias, vb.pp("q_proj"))?,
+            k: candle_nn::linear_b(h, kv_out, qkv_bias, vb.pp("k_proj"))?,
+            v: candle_nn::linear_b(h, kv_out, qkv_bias, vb.pp("v_proj"))?,
+            o: candle_nn::linear_b(q_out, h, o_bias, vb.pp("o_proj"))?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: d,
@@ -247,8 +268,8 @@ impl Qwen3Attention {
                 };
                 t.transpose(1, 2)?.contiguous()
             };
-        let q = split(self.q.forward(x)?, self.heads, Some(&self.q_norm))?;
-        let k = split(self.k.forward(x)?, self.kv_heads, Some(&self.k_norm))?;
+        let q = split(self.q.forward(x)?, self.heads, self.q_norm.as_ref())?;
+        let k = split(self.k.forward(x)?, self.kv_heads, self.k_norm.as_ref())?;
         let v = split(self.v.forward(x)?, self.kv_heads, None)?;
         let q = apply_rotary(&q, &rope.0, &rope.1)?;
         let k = apply_rotary(&k, &rope.0, &rope.1)?;

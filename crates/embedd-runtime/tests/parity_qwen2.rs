@@ -1,0 +1,61 @@
+//! Qwen2 (jina-code-embeddings' layout: biased q/k/v, no q/k norm, eight query heads sharing two
+//! key/value heads) against transformers' `Qwen2Model` on tests/fixtures/qwen2_code.json: the
+//! last token's vector of each text, batched with padding (the reference ran each alone), a
+//! 2,020-token text included; the code tasks put the checkpoint's prompts in front.
+
+mod common;
+
+use common::{cosine, fixture, runtime, vector};
+
+#[test]
+fn last_token_vectors_match_transformers() {
+    let f = fixture("qwen2_code.json");
+    let model = common::model("tiny-qwen2-code");
+    assert_eq!(model.dimensions(), 64);
+    let cases = f["cases"].as_array().unwrap();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
+    let items = model.prepare(&texts, false).unwrap();
+    for (item, case) in items.iter().zip(cases) {
+        assert_eq!(item.sequence.len() as u64, case["tokens"].as_u64().unwrap());
+    }
+    let out = runtime().block_on(model.embed(items)).unwrap();
+    for (got, case) in out.vectors.iter().zip(cases) {
+        let c = cosine(got, &vector(&case["vector"]));
+        eprintln!("{} tokens: cosine {c}", case["tokens"]);
+        assert!(c >= 0.9999, "{:?}: cosine {c}", case["text"]);
+    }
+}
+
+/// `nl2code.query` and `nl2code.passage` (and plain `retrieval.query` / `retrieval.passage`,
+/// which code search maps to them) bring the checkpoint's prompts, in one batch.
+#[test]
+fn code_tasks_bring_their_prompts() {
+    let f = fixture("qwen2_code.json");
+    let model = common::model("tiny-qwen2-code");
+    let (query, passage) = (&f["cases"][3], &f["cases"][4]);
+    for (task, text, case) in [
+        ("nl2code.query", "sort a list in place", query),
+        ("retrieval.query", "sort a list in place", query),
+        ("nl2code.passage", "xs.sort()", passage),
+        ("retrieval.passage", "xs.sort()", passage),
+    ] {
+        let items = model
+            .prepare_for_task(&[text.to_string()], false, Some(task))
+            .unwrap();
+        assert_eq!(
+            items[0].sequence.len() as u64,
+            case["tokens"].as_u64().unwrap(),
+            "{task}"
+        );
+        let out = runtime().block_on(model.embed(items)).unwrap();
+        let c = cosine(&out.vectors[0], &vector(&case["vector"]));
+        assert!(c >= 0.9999, "{task}: cosine {c}");
+    }
+    let other = model
+        .prepare_for_task(&["xs.sort()".to_string()], false, Some("code2nl.query"))
+        .unwrap();
+    assert!(other[0].sequence.len() as u64 > passage["tokens"].as_u64().unwrap());
+}
