@@ -56,6 +56,45 @@ fn scores_and_order_match_the_reference_over_http() {
     }
 }
 
+/// jina-reranker-v2's layout (tests/fixtures/make_jina_reranker_v2_fixture.py) over HTTP: found
+/// a reranker from its checkpoint alone, scores and order as the reference's.
+#[test]
+fn jina_reranker_v2_scores_over_http() {
+    let name = "tiny-jina-reranker-v2";
+    let dir = workspace().join("tests/fixtures/models").join(name);
+    let server = Server::start(&["--model", &format!("{name}={}", dir.display())]);
+    let path = workspace().join("tests/fixtures/rerank_v2.json");
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (_, models) = server.get("/v1/models");
+    assert_eq!(models["data"][0]["kind"], "reranker");
+    for (q, query) in f["queries"].as_array().unwrap().iter().enumerate().take(3) {
+        let (status, resp) = server.post(
+            "/v1/rerank",
+            &json!({"model": name, "query": query, "documents": f["documents"], "top_n": 5}),
+        );
+        assert_eq!(status, 200, "{resp}");
+        let reference: Vec<f64> = f["models"][name]["scores"][q]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let mut best: Vec<usize> = (0..reference.len()).collect();
+        best.sort_by(|&a, &b| reference[b].total_cmp(&reference[a]));
+        let results = resp["results"].as_array().unwrap();
+        assert_eq!(results.len(), 5);
+        for (r, want) in results.iter().zip(&best) {
+            let index = r["index"].as_u64().unwrap() as usize;
+            assert_eq!(index, *want, "query {q}");
+            let score = r["relevance_score"].as_f64().unwrap();
+            assert!(
+                (score - reference[index]).abs() < 1e-4,
+                "query {q} doc {index}"
+            );
+        }
+    }
+}
+
 #[test]
 fn top_n_return_documents_and_document_forms() {
     let server = start(&[]);

@@ -1,5 +1,6 @@
 //! Cross-encoders (BERT and XLM-RoBERTa heads, random weights saved by `transformers`) against the
-//! transformers reference scores in tests/fixtures/rerank.json.
+//! transformers reference scores in tests/fixtures/rerank.json; jina-reranker-v2's flash layout
+//! (fused Wqkv, norm1/norm2, mlp.fc1/fc2, emb_ln, no model_type) against rerank_v2.json.
 
 use std::path::PathBuf;
 
@@ -47,6 +48,15 @@ fn check(name: &str, scheduler: SchedulerConfig) {
     check_within(name, scheduler, Precision::F32, 1e-4, 0.0);
 }
 
+/// The fixture file that holds `name`'s reference scores.
+fn fixture_of(name: &str) -> &'static str {
+    if name == "tiny-jina-reranker-v2" {
+        "rerank_v2.json"
+    } else {
+        "rerank.json"
+    }
+}
+
 /// Scores within `tolerance` of the reference and the same order for every query, except that
 /// documents whose reference scores are within `tie` of each other may trade places.
 fn check_within(
@@ -57,7 +67,7 @@ fn check_within(
     tie: f64,
 ) {
     let f: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("rerank.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(fixture_of(name))).unwrap())
             .unwrap();
     let model = load_as(name, scheduler, precision);
     let reference = &f["models"][name];
@@ -123,12 +133,21 @@ fn xlm_roberta_cross_encoder_matches_transformers() {
 }
 
 #[test]
+fn jina_reranker_v2_layout_matches_transformers() {
+    check("tiny-jina-reranker-v2", SchedulerConfig::default());
+}
+
+#[test]
 fn bf16_keeps_the_rerank_order() {
     if !embedd_runtime::kernels::bf16::available() {
         eprintln!("skipped: this CPU has no AVX-512 BF16");
         return;
     }
-    for name in ["tiny-bert-cross-encoder", "tiny-xlm-roberta-cross-encoder"] {
+    for name in [
+        "tiny-bert-cross-encoder",
+        "tiny-xlm-roberta-cross-encoder",
+        "tiny-jina-reranker-v2",
+    ] {
         // The fixture's models have random weights, so their scores crowd together (gaps of
         // 4e-4 occur); bf16 moves these scores by up to 7e-3, so only near-ties may swap.
         check_within(
@@ -152,6 +171,7 @@ fn scores_do_not_depend_on_batching() {
     };
     check("tiny-bert-cross-encoder", tiny);
     check("tiny-xlm-roberta-cross-encoder", tiny);
+    check("tiny-jina-reranker-v2", tiny);
 }
 
 #[test]

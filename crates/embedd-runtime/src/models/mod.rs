@@ -112,6 +112,9 @@ pub enum Family {
     Roberta,
     JinaBert,
     JinaBertQkPostNorm,
+    /// Jina's flash XLM-R layout: jina-embeddings-v3 (with its LoRA adapters) and
+    /// jina-reranker-v2 (`xlm-roberta-flash` in the catalog).
+    #[serde(alias = "xlm-roberta-flash")]
     XlmRobertaLora,
     T5Encoder,
     Clip,

@@ -201,13 +201,17 @@ impl BertConfig {
         }
     }
 
-    /// RoBERTa-style models number positions from `pad_token_id + 1`.
+    /// RoBERTa-style models number positions from `pad_token_id + 1`; so does Jina's flash
+    /// XLM-R, whose configs (jina-reranker-v2's) may carry no `model_type` at all.
     pub fn position_offset(&self) -> usize {
-        match self.model_type.as_deref() {
-            Some("roberta" | "xlm-roberta" | "camembert") => {
-                self.pad_token_id.unwrap_or(1) as usize + 1
-            }
-            _ => 0,
+        let roberta = matches!(
+            self.model_type.as_deref(),
+            Some("roberta" | "xlm-roberta" | "camembert")
+        );
+        if roberta || self.variant == BertVariant::XlmRobertaFlash {
+            self.pad_token_id.unwrap_or(1) as usize + 1
+        } else {
+            0
         }
     }
 
