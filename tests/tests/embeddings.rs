@@ -192,6 +192,21 @@ fn over_long_inputs_are_refused_unless_truncated() {
     assert_eq!(resp["usage"]["total_tokens"], 3 + 256);
 }
 
+/// `--auto-truncate`: a request that leaves out `truncate` (as LangChain, LlamaIndex and
+/// Haystack send them) has over-long inputs cut; `truncate: false` still refuses them.
+#[test]
+fn auto_truncate_is_the_default_for_requests_without_truncate() {
+    let server = Server::start(&["--auto-truncate"]);
+    let long = "token ".repeat(400);
+    let resp = server.embed(json!(["short", long]), json!({}));
+    assert_eq!(resp["usage"]["total_tokens"], 3 + 256);
+    let (status, body) = server.post(
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": [long], "truncate": false}),
+    );
+    assert_eq!(status, 422, "{body}");
+}
+
 /// The server's resident memory, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

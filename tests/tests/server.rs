@@ -18,8 +18,82 @@ fn health_routes_and_model_listing() {
     assert_eq!(card["kind"], "embedding");
     assert_eq!(card["dimensions"], 384);
     assert_eq!(card["max_input_tokens"], 256);
+    let (status, one) = server.get(&format!("/v1/models/{MODEL}"));
+    assert_eq!(status, 200);
+    assert_eq!(one["id"], MODEL);
+    assert_eq!(one["owned_by"], "embedd");
+    assert!(one["created"].as_i64().unwrap() > 1_700_000_000);
+    assert_eq!(models["data"][0]["created"], one["created"]);
+    let (status, missing) = server.get("/v1/models/no-such-model");
+    assert_eq!(status, 404);
+    assert!(missing["detail"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-model"));
     assert_eq!(server.get("/live"), (200, json!({"status": "live"})));
     assert_eq!(server.get("/ready"), (200, json!({"status": "ready"})));
+}
+
+/// `--cors-allow-origin`: preflights are answered on every route (before auth), responses carry
+/// the allowed origin; other origins, and a server without the flag, get no CORS headers.
+#[test]
+fn cors_preflights_and_headers_follow_the_allowed_origins() {
+    let server = Server::start(&[
+        "--cors-allow-origin",
+        "https://app.example",
+        "--api-key",
+        "k",
+    ]);
+    let preflight = server
+        .client
+        .request(reqwest::Method::OPTIONS, server.url("/v1/embeddings"))
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type",
+        )
+        .send()
+        .unwrap();
+    assert_eq!(preflight.status().as_u16(), 200);
+    let allow = |r: &reqwest::blocking::Response, h: &str| {
+        r.headers().get(h).map(|v| v.to_str().unwrap().to_string())
+    };
+    assert_eq!(
+        allow(&preflight, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert!(allow(&preflight, "access-control-allow-methods").is_some());
+    let call = server
+        .client
+        .post(server.url("/v1/embeddings"))
+        .header("Origin", "https://app.example")
+        .bearer_auth("k")
+        .json(&json!({"model": MODEL, "input": ["hi"]}))
+        .send()
+        .unwrap();
+    assert_eq!(call.status().as_u16(), 200);
+    assert_eq!(
+        allow(&call, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    let other = server
+        .client
+        .get(server.url("/health"))
+        .header("Origin", "https://evil.example")
+        .send()
+        .unwrap();
+    assert_eq!(allow(&other, "access-control-allow-origin"), None);
+
+    let closed = Server::start(&[]);
+    let preflight = closed
+        .client
+        .request(reqwest::Method::OPTIONS, closed.url("/v1/embeddings"))
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .unwrap();
+    assert_eq!(allow(&preflight, "access-control-allow-origin"), None);
 }
 
 /// /ready names a job store that does not answer (a PostgreSQL address nothing listens on

@@ -30,8 +30,10 @@ pub struct EmbedRequest {
     pub dimensions: Option<usize>,
     /// L2-normalize the output (default true).
     pub normalized: bool,
-    /// Cut over-long inputs to the model's maximum instead of rejecting them (default false).
-    pub truncate: bool,
+    /// Cut over-long inputs to the model's maximum instead of rejecting them (default false, or
+    /// the server's `--auto-truncate`); `None` when the request leaves it out.
+    #[schema(value_type = bool)]
+    pub truncate: Option<bool>,
     /// Embed the concatenated inputs in one pass and pool each input's own tokens (default false).
     pub late_chunking: bool,
 }
@@ -51,7 +53,7 @@ impl EmbedRequest {
             .and_then(|t| Task::parse(&t));
         let dimensions = reader.optional_int("dimensions", 1).map(|d| d as usize);
         let normalized = reader.optional_bool("normalized").unwrap_or(true);
-        let truncate = reader.optional_bool("truncate").unwrap_or(false);
+        let truncate = reader.optional_bool("truncate");
         let late_chunking = reader.optional_bool("late_chunking").unwrap_or(false);
 
         let errors = reader.errors;
@@ -225,7 +227,7 @@ mod tests {
             EncodingSelection::Single(EncodingFormat::Float)
         );
         assert!(r.normalized);
-        assert!(!r.truncate);
+        assert_eq!(r.truncate, None);
         assert!(!r.late_chunking);
         assert_eq!(r.task, None);
         assert_eq!(r.dimensions, None);
@@ -241,7 +243,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.task, Some(Task::RetrievalQuery));
         assert_eq!(r.dimensions, Some(2));
-        assert!(!r.normalized && r.truncate && r.late_chunking);
+        assert!(!r.normalized && r.truncate == Some(true) && r.late_chunking);
     }
 
     #[test]

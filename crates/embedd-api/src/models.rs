@@ -70,6 +70,8 @@ impl ModelCapabilities {
 pub struct ModelCard {
     pub id: String,
     pub object: &'static str,
+    /// When the server loaded the model (unix seconds).
+    pub created: i64,
     pub owned_by: &'static str,
     pub kind: ModelKind,
     pub dimensions: usize,
@@ -79,10 +81,11 @@ pub struct ModelCard {
 }
 
 impl ModelCard {
-    pub fn new(capabilities: &ModelCapabilities, source: impl Into<String>) -> Self {
+    pub fn new(capabilities: &ModelCapabilities, source: impl Into<String>, created: i64) -> Self {
         Self {
             id: capabilities.name.clone(),
             object: "model",
+            created,
             owned_by: "embedd",
             kind: capabilities.kind,
             dimensions: capabilities.dimensions,

@@ -23,6 +23,13 @@ use crate::store::{ChunkClaim, ChunkOutput, Commit, JobKind, JobStore};
 /// Requests of one batch chunk in flight at once: the scheduler batches them together.
 const CONCURRENT_REQUESTS: usize = 64;
 
+/// Times one stage of a chunk into `embedd_bulk_chunk_stage_seconds{stage}`: the coordination
+/// stages (claim, read, store, commit) against the embedding itself.
+fn record_stage(stage: &'static str, started: Instant) {
+    metrics::histogram!("embedd_bulk_chunk_stage_seconds", "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
+}
+
 /// Vectors (normalized, in row order) for one chunk, with the tokens run and rows truncated.
 pub struct EmbeddedRows {
     pub vectors: Vec<Vec<f32>>,
@@ -255,6 +262,7 @@ impl BulkWorker {
     async fn chunk(&self, claim: &ChunkClaim) -> Result<Commit, ChunkError> {
         let job = &claim.job;
         let plan = claim.plan;
+        let reading = Instant::now();
         let bytes = self
             .objects
             .input_range(&job.id, plan.byte_start..plan.byte_end)
@@ -263,12 +271,16 @@ impl BulkWorker {
                 true => ChunkError::Job(format!("the upload is gone: {e}")),
                 false => ChunkError::Transient(e.to_string()),
             })?;
+        record_stage("read", reading);
+        let embedding = Instant::now();
         let (rows, errors, mut output) = match claim.kind {
             JobKind::Csv => self.embed_rows(claim, &bytes).await?,
             JobKind::Batch => self.answer_requests(claim, &bytes).await?,
         };
+        record_stage("embed", embedding);
         output.result_bytes = rows.len() as u64;
         output.error_bytes = errors.len() as u64;
+        let storing = Instant::now();
         self.objects
             .put_chunk(&job.id, claim.index, rows)
             .await
@@ -279,10 +291,15 @@ impl BulkWorker {
                 .await
                 .map_err(|e| ChunkError::Transient(e.to_string()))?;
         }
-        self.store
+        record_stage("store", storing);
+        let committing = Instant::now();
+        let commit = self
+            .store
             .commit(claim, &self.owner, output)
             .await
-            .map_err(|e| ChunkError::Transient(e.to_string()))
+            .map_err(|e| ChunkError::Transient(e.to_string()));
+        record_stage("commit", committing);
+        commit
     }
 
     /// A CSV chunk: `text,embedding` rows.

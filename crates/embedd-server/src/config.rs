@@ -63,6 +63,15 @@ pub struct Config {
     )]
     pub api_keys: Vec<String>,
 
+    /// Origins a browser app may call the API from (repeat or comma-separate; `*` for any);
+    /// preflight requests are answered on every route. Default: none (same-origin only).
+    #[arg(
+        long = "cors-allow-origin",
+        env = "EMBEDD_CORS_ALLOW_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origins: Vec<String>,
+
     /// Largest request body accepted, in bytes (larger: 413).
     #[arg(long, env = "EMBEDD_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -121,6 +130,12 @@ pub struct Config {
     /// metadata addresses (refused by default: server-side request forgery).
     #[arg(long, env = "EMBEDD_ALLOW_PRIVATE_IMAGE_URLS")]
     pub allow_private_image_urls: bool,
+
+    /// Cut over-long inputs to the model's length when a request leaves out `truncate` (clients
+    /// such as LangChain, LlamaIndex and Haystack cannot send it); `truncate: false` still
+    /// refuses them.
+    #[arg(long, env = "EMBEDD_AUTO_TRUNCATE")]
+    pub auto_truncate: bool,
 
     /// Largest bulk-embeddings upload, in bytes (larger: 413).
     #[arg(long, env = "EMBEDD_MAX_UPLOAD_BYTES", default_value_t = 100 * 1024 * 1024)]

@@ -51,8 +51,19 @@ pub async fn state_with_models(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let bulk = Arc::new(bulk::BulkState::open(config).await?);
+    if config.auto_truncate {
+        tracing::info!("--auto-truncate: requests without `truncate` have over-long inputs cut to the model's length");
+    }
     Ok(AppState {
         models: Arc::new(registry),
+        cors_allow_origins: Arc::new(
+            config
+                .cors_allow_origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+        ),
         api_keys: Arc::new(
             config
                 .api_keys
@@ -70,6 +81,7 @@ pub async fn state_with_models(
             max_request_tokens: config.max_request_tokens.max(1),
             body_read_timeout: config::seconds(config.body_read_timeout_secs),
             upload_read_timeout: config::seconds(config.upload_read_timeout_secs),
+            auto_truncate: config.auto_truncate,
         },
         bulk,
         concurrency: admission::ConcurrencyLimit::new(config.max_concurrent_requests),

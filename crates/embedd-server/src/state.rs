@@ -22,6 +22,8 @@ pub struct Served {
     /// Where the weights came from: a directory or a hub repository.
     pub source: String,
     pub model: ServedModel,
+    /// When this server loaded it (unix seconds): the OpenAI listing's `created`.
+    pub loaded_unix: i64,
 }
 
 impl Served {
@@ -70,11 +72,12 @@ impl Served {
             capabilities,
             source,
             model,
+            loaded_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
         }
     }
 
     pub fn card(&self) -> ModelCard {
-        ModelCard::new(&self.capabilities, self.source.clone())
+        ModelCard::new(&self.capabilities, self.source.clone(), self.loaded_unix)
     }
 
     /// Inputs waiting or running in the model's scheduler.
@@ -198,11 +201,15 @@ pub struct Limits {
     pub body_read_timeout: std::time::Duration,
     /// The same for a bulk upload.
     pub upload_read_timeout: std::time::Duration,
+    /// `truncate` for requests that leave it out (`--auto-truncate`).
+    pub auto_truncate: bool,
 }
 
 #[derive(Clone)]
 pub struct AppState {
     pub models: Arc<ModelRegistry>,
+    /// `--cors-allow-origin`: empty for none, `*` for any.
+    pub cors_allow_origins: Arc<Vec<String>>,
     pub api_keys: Arc<Vec<String>>,
     pub limits: Limits,
     pub bulk: Arc<crate::bulk::BulkState>,

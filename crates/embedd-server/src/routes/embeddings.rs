@@ -62,7 +62,10 @@ pub(crate) async fn embed(
             .check_admission(&texts, image_slots.len() * model.tokens_per_image())
             .map_err(|e| ApiError::from_runtime(e, "input"))?;
     }
-    let (truncate, late_chunking) = (request.truncate, request.late_chunking);
+    // Clients that cannot send `truncate` (LangChain, LlamaIndex, Haystack) get the server's
+    // default; an explicit `false` still refuses over-long input.
+    let truncate = request.truncate.unwrap_or(state.limits.auto_truncate);
+    let late_chunking = request.late_chunking;
     let task = request.task.map(|t| t.as_str());
     let tokenizer_model = model.clone();
     let text_items = super::off_runtime("tokenizer", move || {

@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use embedd_api::ModelList;
+use embedd_api::{ModelCard, ModelList};
 use embedd_runtime::{HealthReport, WorkerState};
 use serde_json::{json, Value};
 
@@ -117,4 +117,27 @@ fn report_json(report: &HealthReport) -> Value {
 #[utoipa::path(get, path = "/v1/models", tag = "models", responses((status = 200, body = ModelList)))]
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList::new(state.models.cards()))
+}
+
+/// One served model (the OpenAI client's `models.retrieve`).
+#[utoipa::path(
+    get, path = "/v1/models/{model_id}", tag = "models",
+    params(("model_id" = String, Path, description = "A served model's name")),
+    responses(
+        (status = 200, body = ModelCard),
+        (status = 404, description = "Not served here", body = embedd_api::ErrorBody),
+    )
+)]
+pub async fn get_model(
+    State(state): State<AppState>,
+    axum::extract::Path(model_id): axum::extract::Path<String>,
+) -> Result<Json<ModelCard>, crate::error::ApiError> {
+    state
+        .models
+        .iter()
+        .find(|m| m.capabilities.name == model_id)
+        .map(|m| Json(m.card()))
+        .ok_or_else(|| {
+            crate::error::ApiError::NotFound(format!("model '{model_id}' is not served here"))
+        })
 }

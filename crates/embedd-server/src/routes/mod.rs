@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use embedd_api::ErrorBody;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::CorsLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::require_key;
@@ -66,6 +67,7 @@ pub fn router(state: AppState) -> Router {
             post(openai_batch::cancel_batch),
         )
         .route("/v1/models", get(health::list_models))
+        .route("/v1/models/{model_id}", get(health::get_model))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .route_layer(middleware::from_fn_with_state(
             state.concurrency.clone(),
@@ -92,8 +94,37 @@ pub fn router(state: AppState) -> Router {
             crate::body_limit::reject_oversized,
         ))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(cors(&state.cors_allow_origins))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// `--cors-allow-origin`: outermost but for tracing, so preflights are answered before auth and
+/// routing, for every route. No origins: no CORS headers (browsers allow same-origin only).
+fn cors(origins: &[String]) -> tower::util::Either<CorsLayer, tower::layer::util::Identity> {
+    use axum::http::HeaderValue;
+    use tower_http::cors::{AllowOrigin, Any};
+    if origins.is_empty() {
+        return tower::util::Either::Right(tower::layer::util::Identity::new());
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    tower::util::Either::Left(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .expose_headers(Any)
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
 }
 
 /// Runs CPU-bound or blocking work (tokenization, CSV checks, job-store writes) off the async

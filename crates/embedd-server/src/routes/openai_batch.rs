@@ -419,7 +419,7 @@ fn batch_object(record: &JobRecord, row: &BatchRow) -> Batch {
 /// Create a batch from an uploaded JSONL file of `/v1/embeddings` requests.
 #[utoipa::path(
     post, path = "/v1/batches", tag = "batches",
-    request_body = Object,
+    request_body = BatchCreate,
     responses(
         (status = 200, description = "The batch (failed, with line errors, when its input is refused)", body = Batch),
         (status = 404, description = "No such input file for this key", body = embedd_api::ErrorBody),

@@ -32,6 +32,7 @@ use utoipa::{Modify, OpenApi};
         super::health::live,
         super::health::ready,
         super::health::list_models,
+        super::health::get_model,
     ),
     components(schemas(
         embedd_api::EmbedRequest,
@@ -57,6 +58,7 @@ use utoipa::{Modify, OpenApi};
         embedd_api::ModelList,
         embedd_api::ModelCard,
         embedd_api::openai_batch::FileObject,
+        embedd_api::openai_batch::BatchCreate,
         embedd_api::openai_batch::Batch,
         embedd_api::openai_batch::BatchList,
         embedd_api::openai_batch::BatchStatus,
