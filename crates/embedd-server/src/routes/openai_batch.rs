@@ -4,7 +4,7 @@
 //! background priority, into an output file and an error file matched by `custom_id`.
 
 use axum::body::Body;
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -16,7 +16,6 @@ use embedd_api::{ModelKind, ValidationError, ValidationErrors};
 use embedd_bulk::store::{BatchRow, DoneChunk, FileRow, JobRecord};
 use embedd_bulk::{batch_input, new_job_id, ChunkPart, JobKind, NewJob};
 use futures_util::StreamExt;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
@@ -585,29 +584,61 @@ pub async fn cancel_batch(
     Ok(Json(batch_object(&record, &row)))
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
+/// `after` and `limit`, read by hand from the query string: a bad `limit` is a 422 naming it, as
+/// FastAPI answers, and a repeated parameter takes its last value.
+#[derive(Default)]
+struct ListQuery {
     after: Option<String>,
-    limit: Option<u64>,
+    limit: Option<String>,
+}
+
+impl ListQuery {
+    fn parse(raw: Option<&str>) -> Self {
+        let mut query = Self::default();
+        for (key, value) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            match key.as_ref() {
+                "after" => query.after = Some(value.into_owned()),
+                "limit" => query.limit = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        query
+    }
 }
 
 /// The caller's batches, newest first (`after`: a batch id to continue after; `limit` 1-100,
-/// default 20).
+/// default 20; other values: 422).
 #[utoipa::path(
     get, path = "/v1/batches", tag = "batches",
     params(
         ("after" = Option<String>, Query, description = "Continue after this batch id"),
         ("limit" = Option<u64>, Query, description = "At most this many (1-100, default 20)"),
     ),
-    responses((status = 200, description = "Batches", body = BatchList)),
+    responses(
+        (status = 200, description = "Batches", body = BatchList),
+        (status = 422, description = "Validation Error", body = ValidationErrors),
+    ),
     security(("bearer" = []))
 )]
 pub async fn list_batches(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(query): Query<ListQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<BatchList>, ApiError> {
-    let limit = query.limit.unwrap_or(20).clamp(1, 100);
+    let query = ListQuery::parse(raw.as_deref());
+    let limit = match query.limit.as_deref() {
+        None => 20,
+        Some(raw) => match raw.parse::<u64>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => {
+                return Err(ValidationErrors::single(ValidationError::value(
+                    vec!["query".into(), "limit".into()],
+                    format!("limit must be an integer from 1 to 100, not '{raw}'"),
+                ))
+                .into())
+            }
+        },
+    };
     let after = query
         .after
         .as_deref()
