@@ -150,12 +150,16 @@ impl BulkWorker {
         while !self.stopping.load(Ordering::Acquire) {
             self.sweep_now_and_then().await;
             let models = self.embedder.models();
+            let claiming = Instant::now();
             match self
                 .store
                 .claim(&self.owner, self.config.lease, &models)
                 .await
             {
-                Ok(Some(claim)) => self.run_chunk(claim).await,
+                Ok(Some(claim)) => {
+                    record_stage("claim", claiming);
+                    self.run_chunk(claim).await
+                }
                 Ok(None) => {
                     tokio::select! {
                         _ = self.wake.notified() => {}
