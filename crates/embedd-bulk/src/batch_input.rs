@@ -131,20 +131,7 @@ pub fn check(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let end = bytes.len() as u64;
-    let chunks = starts
-        .iter()
-        .enumerate()
-        .map(|(i, &byte_start)| {
-            let first_row = i as u64 * chunk_rows;
-            ChunkPlan {
-                first_row,
-                rows: chunk_rows.min(requests - first_row),
-                byte_start,
-                byte_end: starts.get(i + 1).copied().unwrap_or(end),
-            }
-        })
-        .collect();
+    let chunks = ChunkPlan::from_starts(&starts, requests, chunk_rows, bytes.len() as u64);
     Ok(BatchPlan {
         requests,
         model: model.unwrap_or_default(),

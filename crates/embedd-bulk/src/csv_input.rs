@@ -34,6 +34,26 @@ pub struct ChunkPlan {
     pub byte_end: u64,
 }
 
+impl ChunkPlan {
+    /// Chunks of `chunk_rows` rows of `rows` in all, from the byte offset where each chunk's
+    /// first row starts; the last ends at `end`.
+    pub fn from_starts(starts: &[u64], rows: u64, chunk_rows: u64, end: u64) -> Vec<ChunkPlan> {
+        starts
+            .iter()
+            .enumerate()
+            .map(|(i, &byte_start)| {
+                let first_row = i as u64 * chunk_rows;
+                ChunkPlan {
+                    first_row,
+                    rows: chunk_rows.min(rows - first_row),
+                    byte_start,
+                    byte_end: starts.get(i + 1).copied().unwrap_or(end),
+                }
+            })
+            .collect()
+    }
+}
+
 /// What a check of the whole file found, and how it splits into chunks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CsvSummary {
@@ -98,20 +118,7 @@ pub fn check<R: Read>(input: R, chunk_rows: u64) -> Result<CsvSummary, CsvError>
     if rows == 0 {
         return Err(CsvError::Empty);
     }
-    let end = reader.position().byte();
-    let chunks = starts
-        .iter()
-        .enumerate()
-        .map(|(i, &byte_start)| {
-            let first_row = i as u64 * chunk_rows;
-            ChunkPlan {
-                first_row,
-                rows: chunk_rows.min(rows - first_row),
-                byte_start,
-                byte_end: starts.get(i + 1).copied().unwrap_or(end),
-            }
-        })
-        .collect();
+    let chunks = ChunkPlan::from_starts(&starts, rows, chunk_rows, reader.position().byte());
     Ok(CsvSummary {
         rows,
         has_header,

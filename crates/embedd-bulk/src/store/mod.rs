@@ -12,7 +12,7 @@ mod sqlite;
 use std::path::Path;
 use std::time::Duration;
 
-use embedd_api::BulkJob;
+use embedd_api::{BulkJob, BulkJobStatus};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -180,6 +180,94 @@ pub enum Commit {
     /// The lease ran out and another worker took the chunk (its rows count when that one
     /// commits), or the job stopped (failed or was cancelled) meanwhile.
     LeaseLost,
+}
+
+/// A result row of either database, read by column: what lets the rows become records in one
+/// place for both.
+pub(crate) trait StoredRow {
+    type Error;
+    fn int(&self, i: usize) -> Result<i64, Self::Error>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, Self::Error>;
+    fn text(&self, i: usize) -> Result<String, Self::Error>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+}
+
+/// The job columns both stores select, in the order [`job_record`] reads them.
+pub(crate) const JOB_COLUMNS: &str = "id, user_id, model_name, status, file_name, created_at, \
+     completed_at, user_email, used_token_count, error, total_rows, processed_rows, \
+     truncated_rows, chunk_count, kind, failed_rows, created_unix, completed_unix";
+
+/// `JOB_COLUMNS` of the jobs table under the alias `j`, then a batch's (alias `b`), in the order
+/// [`batch_record`] reads them.
+pub(crate) const BATCH_COLUMNS: &str = "j.id, j.user_id, j.model_name, j.status, j.file_name, \
+     j.created_at, j.completed_at, j.user_email, j.used_token_count, j.error, j.total_rows, \
+     j.processed_rows, j.truncated_rows, j.chunk_count, j.kind, j.failed_rows, j.created_unix, \
+     j.completed_unix, b.input_file_id, b.endpoint, b.completion_window, b.metadata, b.errors, \
+     b.cancelled_unix";
+
+/// The file columns, in the order [`file_row`] reads them.
+pub(crate) const FILE_COLUMNS: &str = "id, user_id, purpose, filename, bytes, created_unix";
+
+pub(crate) fn job_record<R: StoredRow>(row: &R) -> Result<JobRecord, R::Error> {
+    let count = |i| row.int(i).map(|n| n as u64);
+    let state = row.text(3)?;
+    Ok(JobRecord {
+        job: BulkJob {
+            id: row.text(0)?,
+            user_id: row.text(1)?,
+            model_name: row.text(2)?,
+            status: BulkJobStatus::parse(&state).unwrap_or(BulkJobStatus::Failed),
+            file_name: row.text(4)?,
+            created_at: row.text(5)?,
+            completed_at: row.opt_text(6)?,
+            user_email: row.opt_text(7)?,
+            used_token_count: count(8)?,
+            error: row.opt_text(9)?,
+            total_rows: count(10)?,
+            processed_rows: count(11)?,
+            truncated_rows: count(12)?,
+        },
+        chunks: count(13)?,
+        kind: JobKind::parse(&row.text(14)?),
+        failed_rows: count(15)?,
+        state,
+        created_unix: row.int(16)?,
+        completed_unix: row.opt_int(17)?,
+    })
+}
+
+pub(crate) fn batch_record<R: StoredRow>(row: &R) -> Result<(JobRecord, BatchRow), R::Error> {
+    Ok((
+        job_record(row)?,
+        BatchRow {
+            input_file_id: row.text(18)?,
+            endpoint: row.text(19)?,
+            completion_window: row.text(20)?,
+            metadata: row.opt_text(21)?,
+            errors: row.opt_text(22)?,
+            cancelled_unix: row.opt_int(23)?,
+        },
+    ))
+}
+
+pub(crate) fn file_row<R: StoredRow>(row: &R) -> Result<FileRow, R::Error> {
+    Ok(FileRow {
+        id: row.text(0)?,
+        user_id: row.text(1)?,
+        purpose: row.text(2)?,
+        filename: row.text(3)?,
+        bytes: row.int(4)? as u64,
+        created_unix: row.int(5)?,
+    })
+}
+
+/// A chunk's `idx, result_bytes, error_bytes`.
+pub(crate) fn done_chunk<R: StoredRow>(row: &R) -> Result<DoneChunk, R::Error> {
+    Ok(DoneChunk {
+        index: row.int(0)? as u64,
+        result_bytes: row.int(1)? as u64,
+        error_bytes: row.int(2)? as u64,
+    })
 }
 
 /// A job id: 24 hex digits.

@@ -6,12 +6,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use embedd_api::{BulkJob, BulkJobStatus};
+use embedd_api::BulkJob;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    millis, now, BatchRow, ChunkClaim, ChunkOutput, Commit, DoneChunk, FileRow, JobKind, JobRecord,
-    NewJob, StoreError,
+    batch_record, done_chunk, file_row, job_record, millis, now, BatchRow, ChunkClaim, ChunkOutput,
+    Commit, DoneChunk, FileRow, JobRecord, NewJob, StoreError, StoredRow, BATCH_COLUMNS,
+    FILE_COLUMNS, JOB_COLUMNS,
 };
 use crate::csv_input::{ChunkPlan, CsvSummary};
 
@@ -82,66 +83,24 @@ const MIGRATION_LOCK: i64 = 0x656d_6265_6464;
 /// The database's clock, in milliseconds.
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
-const COLUMNS: &str = "id, user_id, model_name, status, file_name, created_at, completed_at, \
-     user_email, used_token_count, error, total_rows, processed_rows, truncated_rows, chunk_count, \
-     kind, failed_rows, created_unix, completed_unix";
-
-/// `COLUMNS` of the jobs table under the alias `j`, then a batch's columns.
-const BATCH_COLUMNS: &str = "j.id, j.user_id, j.model_name, j.status, j.file_name, j.created_at, \
-     j.completed_at, j.user_email, j.used_token_count, j.error, j.total_rows, j.processed_rows, \
-     j.truncated_rows, j.chunk_count, j.kind, j.failed_rows, j.created_unix, j.completed_unix, \
-     b.input_file_id, b.endpoint, b.completion_window, b.metadata, b.errors, b.cancelled_unix";
+impl StoredRow for Row {
+    type Error = tokio_postgres::Error;
+    fn int(&self, i: usize) -> Result<i64, Self::Error> {
+        self.try_get(i)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, Self::Error> {
+        self.try_get(i)
+    }
+    fn text(&self, i: usize) -> Result<String, Self::Error> {
+        self.try_get(i)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, Self::Error> {
+        self.try_get(i)
+    }
+}
 
 fn record(row: &Row) -> Result<JobRecord, tokio_postgres::Error> {
-    let status: String = row.try_get(3)?;
-    Ok(JobRecord {
-        job: BulkJob {
-            id: row.try_get(0)?,
-            user_id: row.try_get(1)?,
-            model_name: row.try_get(2)?,
-            status: BulkJobStatus::parse(&status).unwrap_or(BulkJobStatus::Failed),
-            file_name: row.try_get(4)?,
-            created_at: row.try_get(5)?,
-            completed_at: row.try_get(6)?,
-            user_email: row.try_get(7)?,
-            used_token_count: row.try_get::<_, i64>(8)? as u64,
-            error: row.try_get(9)?,
-            total_rows: row.try_get::<_, i64>(10)? as u64,
-            processed_rows: row.try_get::<_, i64>(11)? as u64,
-            truncated_rows: row.try_get::<_, i64>(12)? as u64,
-        },
-        chunks: row.try_get::<_, i64>(13)? as u64,
-        kind: JobKind::parse(&row.try_get::<_, String>(14)?),
-        failed_rows: row.try_get::<_, i64>(15)? as u64,
-        state: status,
-        created_unix: row.try_get(16)?,
-        completed_unix: row.try_get(17)?,
-    })
-}
-
-fn batch_record(row: &Row) -> Result<(JobRecord, BatchRow), tokio_postgres::Error> {
-    Ok((
-        record(row)?,
-        BatchRow {
-            input_file_id: row.try_get(18)?,
-            endpoint: row.try_get(19)?,
-            completion_window: row.try_get(20)?,
-            metadata: row.try_get(21)?,
-            errors: row.try_get(22)?,
-            cancelled_unix: row.try_get(23)?,
-        },
-    ))
-}
-
-fn file_row(row: &Row) -> Result<FileRow, tokio_postgres::Error> {
-    Ok(FileRow {
-        id: row.try_get(0)?,
-        user_id: row.try_get(1)?,
-        purpose: row.try_get(2)?,
-        filename: row.try_get(3)?,
-        bytes: row.try_get::<_, i64>(4)? as u64,
-        created_unix: row.try_get(5)?,
-    })
+    job_record(row)
 }
 
 /// Inserts a job (waiting, or failed with `error`) and its chunks.
@@ -279,7 +238,7 @@ impl PostgresStore {
         insert_job(&tx, &new, None).await?;
         let row = tx
             .query_one(
-                &format!("SELECT {COLUMNS} FROM bulk_jobs WHERE id = $1"),
+                &format!("SELECT {JOB_COLUMNS} FROM bulk_jobs WHERE id = $1"),
                 &[&new.id],
             )
             .await?;
@@ -381,15 +340,7 @@ impl PostgresStore {
                 &[&id],
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DoneChunk {
-                    index: r.try_get::<_, i64>(0)? as u64,
-                    result_bytes: r.try_get::<_, i64>(1)? as u64,
-                    error_bytes: r.try_get::<_, i64>(2)? as u64,
-                })
-            })
-            .collect()
+        Ok(rows.iter().map(done_chunk).collect::<Result<_, _>>()?)
     }
 
     pub async fn create_file(&self, file: FileRow) -> Result<(), StoreError> {
@@ -416,8 +367,7 @@ impl PostgresStore {
             .client()
             .await?
             .query_opt(
-                "SELECT id, user_id, purpose, filename, bytes, created_unix FROM bulk_files \
-                 WHERE id = $1",
+                &format!("SELECT {FILE_COLUMNS} FROM bulk_files WHERE id = $1"),
                 &[&id],
             )
             .await?;
@@ -437,7 +387,7 @@ impl PostgresStore {
             .client()
             .await?
             .query_opt(
-                &format!("SELECT {COLUMNS} FROM bulk_jobs WHERE id = $1"),
+                &format!("SELECT {JOB_COLUMNS} FROM bulk_jobs WHERE id = $1"),
                 &[&id],
             )
             .await?;
@@ -514,7 +464,7 @@ impl PostgresStore {
         .await?;
         let job = tx
             .query_one(
-                &format!("SELECT {COLUMNS}, text_column FROM bulk_jobs WHERE id = $1"),
+                &format!("SELECT {JOB_COLUMNS}, text_column FROM bulk_jobs WHERE id = $1"),
                 &[&job_id],
             )
             .await?;

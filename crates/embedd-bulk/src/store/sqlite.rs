@@ -5,12 +5,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use embedd_api::{BulkJob, BulkJobStatus};
+use embedd_api::BulkJob;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    millis, now, BatchRow, ChunkClaim, ChunkOutput, Commit, DoneChunk, FileRow, JobKind, JobRecord,
-    NewJob, StoreError,
+    batch_record, done_chunk, file_row, job_record, millis, now, BatchRow, ChunkClaim, ChunkOutput,
+    Commit, DoneChunk, FileRow, JobRecord, NewJob, StoreError, StoredRow, BATCH_COLUMNS,
+    FILE_COLUMNS, JOB_COLUMNS,
 };
 use crate::csv_input::{ChunkPlan, CsvSummary};
 
@@ -76,70 +77,24 @@ const MIGRATIONS: [&str; 2] = [
     );",
 ];
 
-const COLUMNS: &str = "id, user_id, model_name, status, file_name, created_at, completed_at, \
-     user_email, used_token_count, error, total_rows, processed_rows, truncated_rows, chunk_count, \
-     kind, failed_rows, created_unix, completed_unix";
-
-/// `COLUMNS` of the jobs table under the alias `j`, then a batch's columns.
-const BATCH_COLUMNS: &str = "j.id, j.user_id, j.model_name, j.status, j.file_name, j.created_at, \
-     j.completed_at, j.user_email, j.used_token_count, j.error, j.total_rows, j.processed_rows, \
-     j.truncated_rows, j.chunk_count, j.kind, j.failed_rows, j.created_unix, j.completed_unix, \
-     b.input_file_id, b.endpoint, b.completion_window, b.metadata, b.errors, b.cancelled_unix";
-
-fn job(row: &Row) -> rusqlite::Result<BulkJob> {
-    let status: String = row.get(3)?;
-    Ok(BulkJob {
-        id: row.get(0)?,
-        user_id: row.get(1)?,
-        model_name: row.get(2)?,
-        status: BulkJobStatus::parse(&status).unwrap_or(BulkJobStatus::Failed),
-        file_name: row.get(4)?,
-        created_at: row.get(5)?,
-        completed_at: row.get(6)?,
-        user_email: row.get(7)?,
-        used_token_count: row.get::<_, i64>(8)? as u64,
-        error: row.get(9)?,
-        total_rows: row.get::<_, i64>(10)? as u64,
-        processed_rows: row.get::<_, i64>(11)? as u64,
-        truncated_rows: row.get::<_, i64>(12)? as u64,
-    })
+impl StoredRow for Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn opt_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn opt_text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
 }
 
 fn record(row: &Row) -> rusqlite::Result<JobRecord> {
-    Ok(JobRecord {
-        job: job(row)?,
-        chunks: row.get::<_, i64>(13)? as u64,
-        kind: JobKind::parse(&row.get::<_, String>(14)?),
-        failed_rows: row.get::<_, i64>(15)? as u64,
-        state: row.get(3)?,
-        created_unix: row.get(16)?,
-        completed_unix: row.get(17)?,
-    })
-}
-
-fn batch_record(row: &Row) -> rusqlite::Result<(JobRecord, BatchRow)> {
-    Ok((
-        record(row)?,
-        BatchRow {
-            input_file_id: row.get(18)?,
-            endpoint: row.get(19)?,
-            completion_window: row.get(20)?,
-            metadata: row.get(21)?,
-            errors: row.get(22)?,
-            cancelled_unix: row.get(23)?,
-        },
-    ))
-}
-
-fn file_row(row: &Row) -> rusqlite::Result<FileRow> {
-    Ok(FileRow {
-        id: row.get(0)?,
-        user_id: row.get(1)?,
-        purpose: row.get(2)?,
-        filename: row.get(3)?,
-        bytes: row.get::<_, i64>(4)? as u64,
-        created_unix: row.get(5)?,
-    })
+    job_record(row)
 }
 
 /// Inserts a job (waiting, or failed with `error`) and its chunks.
@@ -183,7 +138,7 @@ fn now_ms() -> i64 {
 
 fn get_job(db: &Connection, id: &str) -> rusqlite::Result<Option<JobRecord>> {
     db.query_row(
-        &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
         [id],
         record,
     )
@@ -304,7 +259,7 @@ impl SqliteStore {
                      WHERE j.id = ?1"
                 ),
                 [id],
-                batch_record,
+                |r| batch_record(r),
             )
             .optional()
         })
@@ -325,7 +280,8 @@ impl SqliteStore {
                  AND (?2 IS NULL OR j.rowid < (SELECT rowid FROM jobs WHERE id = ?2)) \
                  ORDER BY j.rowid DESC LIMIT ?3"
             ))?;
-            let rows = stmt.query_map(params![user_id, after, limit as i64], batch_record)?;
+            let rows =
+                stmt.query_map(params![user_id, after, limit as i64], |r| batch_record(r))?;
             rows.collect()
         })
         .await
@@ -360,13 +316,7 @@ impl SqliteStore {
                 "SELECT idx, result_bytes, error_bytes FROM chunks \
                  WHERE job_id = ?1 AND state = 'done' ORDER BY idx",
             )?;
-            let rows = stmt.query_map([id], |r| {
-                Ok(DoneChunk {
-                    index: r.get::<_, i64>(0)? as u64,
-                    result_bytes: r.get::<_, i64>(1)? as u64,
-                    error_bytes: r.get::<_, i64>(2)? as u64,
-                })
-            })?;
+            let rows = stmt.query_map([id], |r| done_chunk(r))?;
             rows.collect()
         })
         .await
@@ -395,10 +345,9 @@ impl SqliteStore {
         let id = id.to_string();
         self.run(move |db| {
             db.query_row(
-                "SELECT id, user_id, purpose, filename, bytes, created_unix FROM files \
-                 WHERE id = ?1",
+                &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"),
                 [id],
-                file_row,
+                |r| file_row(r),
             )
             .optional()
         })
@@ -690,6 +639,7 @@ mod tests {
     /// listed for planning.
     #[test]
     fn a_database_from_before_chunked_results_is_migrated() {
+        use crate::store::JobKind;
         let root = std::env::temp_dir().join(format!("embedd-migrate-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();

@@ -107,3 +107,26 @@ pub fn check_image_files(model: &TextEmbedder, cases: &[Value], side: usize, str
         assert!(c >= 0.999, "{}: cosine {c}", case["file"]);
     }
 }
+
+/// A decoder fixture (`cases`: text, token count, last-token vector, each run alone by the
+/// reference) embedded in one padded batch: every count equal, every vector at cosine >= 0.9999.
+pub fn check_last_token_vectors(fixture_file: &str, model_name: &str, dimensions: usize) {
+    let f = fixture(fixture_file);
+    let model = model(model_name);
+    assert_eq!(model.dimensions(), dimensions);
+    let cases = f["cases"].as_array().unwrap();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
+    let items = model.prepare(&texts, false).unwrap();
+    for (item, case) in items.iter().zip(cases) {
+        assert_eq!(item.sequence.len() as u64, case["tokens"].as_u64().unwrap());
+    }
+    let out = runtime().block_on(model.embed(items)).unwrap();
+    for (got, case) in out.vectors.iter().zip(cases) {
+        let c = cosine(got, &vector(&case["vector"]));
+        eprintln!("{} tokens: cosine {c}", case["tokens"]);
+        assert!(c >= 0.9999, "{:?}: cosine {c}", case["text"]);
+    }
+}
