@@ -135,6 +135,12 @@ fn a_batch_answers_every_line_as_the_live_route_does() {
     assert_eq!(output_meta["purpose"], "batch_output");
     assert!(output_meta["bytes"].as_u64().unwrap() > 1000);
 
+    let (status, files) = server.get("/v1/files");
+    assert_eq!(status, 200);
+    assert_eq!(files["object"], "list");
+    assert_eq!(files["data"][0]["id"], file["id"]);
+    let (status, _) = server.get("/v1/files?limit=0");
+    assert_eq!(status, 422);
     let (status, list) = server.get("/v1/batches?limit=1");
     assert_eq!(status, 200);
     assert_eq!(list["object"], "list");

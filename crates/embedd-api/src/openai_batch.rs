@@ -30,6 +30,15 @@ pub struct FileObject {
     pub status: &'static str,
 }
 
+/// `GET /v1/files`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FileList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<FileObject>,
+    pub has_more: bool,
+}
+
 /// `POST /v1/batches`.
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

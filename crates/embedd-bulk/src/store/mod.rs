@@ -410,6 +410,11 @@ impl JobStore {
         each!(self, s => s.get_file(id).await)
     }
 
+    /// `user_id`'s uploaded files, newest first.
+    pub async fn list_files(&self, user_id: &str, limit: u64) -> Result<Vec<FileRow>, StoreError> {
+        each!(self, s => s.list_files(user_id, limit).await)
+    }
+
     pub async fn delete_file(&self, id: &str) -> Result<(), StoreError> {
         each!(self, s => s.delete_file(id).await)
     }

@@ -374,6 +374,21 @@ impl PostgresStore {
         Ok(row.as_ref().map(file_row).transpose()?)
     }
 
+    pub async fn list_files(&self, user_id: &str, limit: u64) -> Result<Vec<FileRow>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {FILE_COLUMNS} FROM bulk_files WHERE user_id = $1 \
+                     ORDER BY created_unix DESC, id DESC LIMIT $2"
+                ),
+                &[&user_id, &(limit as i64)],
+            )
+            .await?;
+        Ok(rows.iter().map(file_row).collect::<Result<_, _>>()?)
+    }
+
     pub async fn delete_file(&self, id: &str) -> Result<(), StoreError> {
         self.client()
             .await?

@@ -354,6 +354,19 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn list_files(&self, user_id: &str, limit: u64) -> Result<Vec<FileRow>, StoreError> {
+        let user_id = user_id.to_string();
+        self.run(move |db| {
+            let mut stmt = db.prepare(&format!(
+                "SELECT {FILE_COLUMNS} FROM files WHERE user_id = ?1 \
+                 ORDER BY created_unix DESC, rowid DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![user_id, limit as i64], |r| file_row(r))?;
+            rows.collect()
+        })
+        .await
+    }
+
     pub async fn delete_file(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_string();
         self.run(move |db| {

@@ -47,7 +47,8 @@ pub fn router(state: AppState) -> Router {
         .route(
             openai_batch::FILES_PATH,
             post(openai_batch::upload_file)
-                .layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)),
+                .layer(DefaultBodyLimit::max(state.limits.max_upload_bytes))
+                .get(openai_batch::list_files),
         )
         .route(
             "/v1/files/{file_id}",

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use embedd_api::openai_batch::{
     Batch, BatchCreate, BatchErrors, BatchLineError, BatchList, BatchRequestCounts, BatchStatus,
-    FileObject, BATCH_ENDPOINTS, COMPLETION_WINDOWS, FILE_PURPOSES,
+    FileList, FileObject, BATCH_ENDPOINTS, COMPLETION_WINDOWS, FILE_PURPOSES,
 };
 use embedd_api::{ModelKind, ValidationError, ValidationErrors};
 use embedd_bulk::store::{BatchRow, DoneChunk, FileRow, JobRecord};
@@ -147,6 +147,54 @@ fn file_object(row: &FileRow) -> FileObject {
         filename: row.filename.clone(),
         purpose: row.purpose.clone(),
         status: "processed",
+    }
+}
+
+/// The caller's uploaded files, newest first (at most 10,000; `limit` lowers that).
+#[utoipa::path(
+    get, path = "/v1/files", tag = "batches",
+    params(("limit" = Option<u64>, Query, description = "At most this many (1-10000, default 10000)")),
+    responses(
+        (status = 200, description = "Files", body = FileList),
+        (status = 422, description = "Validation Error", body = ValidationErrors),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_files(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<FileList>, ApiError> {
+    let query = ListQuery::parse(raw.as_deref());
+    let limit = query_limit(query.limit.as_deref(), 10_000, 10_000)?;
+    let mut rows = state
+        .bulk
+        .store
+        .list_files(&caller.0, limit + 1)
+        .await
+        .map_err(internal)?;
+    let has_more = rows.len() as u64 > limit;
+    rows.truncate(limit as usize);
+    Ok(Json(FileList {
+        object: "list",
+        data: rows.iter().map(file_object).collect(),
+        has_more,
+    }))
+}
+
+/// `limit` from a query string: `default` when absent, else an integer from 1 to `max`, else a
+/// 422 naming it.
+fn query_limit(raw: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => match raw.parse::<u64>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ValidationErrors::single(ValidationError::value(
+                vec!["query".into(), "limit".into()],
+                format!("limit must be an integer from 1 to {max}, not '{raw}'"),
+            ))
+            .into()),
+        },
     }
 }
 
@@ -626,19 +674,7 @@ pub async fn list_batches(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<BatchList>, ApiError> {
     let query = ListQuery::parse(raw.as_deref());
-    let limit = match query.limit.as_deref() {
-        None => 20,
-        Some(raw) => match raw.parse::<u64>() {
-            Ok(n) if (1..=100).contains(&n) => n,
-            _ => {
-                return Err(ValidationErrors::single(ValidationError::value(
-                    vec!["query".into(), "limit".into()],
-                    format!("limit must be an integer from 1 to 100, not '{raw}'"),
-                ))
-                .into())
-            }
-        },
-    };
+    let limit = query_limit(query.limit.as_deref(), 20, 100)?;
     let after = query
         .after
         .as_deref()
