@@ -436,3 +436,41 @@ fn the_healthcheck_subcommand_probes_the_server() {
         .unwrap();
     assert!(!down.success());
 }
+
+/// `embedd pull NAME...`: a catalog model whose weights are local is confirmed complete, an
+/// unknown name and a hub model missing from an offline cache each fail, naming themselves;
+/// every name is tried.
+#[test]
+fn pull_fetches_or_names_what_it_cannot() {
+    let hf_home = temp_dir("embedd-pull-hf");
+    let out = std::process::Command::new(binary())
+        .args(["pull", MODEL, "no-such-model", "jina-code-embeddings-0.5b"])
+        .env("EMBEDD_WEIGHTS_DIR", weights_dir())
+        .env("HF_HOME", &hf_home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("EMBEDD_MODELS_FILE")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("{MODEL}: ready")), "{stdout}");
+    assert!(
+        stderr.contains("no-such-model: ") && stderr.contains("not in the catalog"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("jina-code-embeddings-0.5b: ") && stderr.contains("config.json"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("could not pull: no-such-model, jina-code-embeddings-0.5b"));
+    let ok = std::process::Command::new(binary())
+        .args(["pull", MODEL])
+        .env("EMBEDD_WEIGHTS_DIR", weights_dir())
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let _ = std::fs::remove_dir_all(hf_home);
+}

@@ -116,6 +116,8 @@ impl FileSource for LocalFiles {
 struct HubFiles {
     repo: hf_hub::Repo,
     offline: bool,
+    /// A progress bar per download on the terminal (`embedd pull`); the log has a line each way.
+    progress: bool,
 }
 
 impl FileSource for HubFiles {
@@ -128,11 +130,20 @@ impl FileSource for HubFiles {
             return Ok(None);
         }
         let api = hf_hub::api::sync::ApiBuilder::from_env()
-            .with_progress(false)
+            .with_progress(self.progress)
             .build()
             .map_err(|e| RuntimeError::Hub(e.to_string()))?;
+        let started = std::time::Instant::now();
+        tracing::info!(source = %self.describe(), file = name, "downloading from the hub");
         match api.repo(self.repo.clone()).get(name) {
-            Ok(path) => Ok(Some(path)),
+            Ok(path) => {
+                let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+                tracing::info!(
+                    source = %self.describe(), file = name, bytes,
+                    seconds = started.elapsed().as_secs_f64(), "downloaded"
+                );
+                Ok(Some(path))
+            }
             Err(hf_hub::api::sync::ApiError::RequestError(e))
                 if matches!(*e, ureq::Error::Status(404, _)) =>
             {
@@ -152,6 +163,11 @@ impl FileSource for HubFiles {
 impl ModelDir {
     /// Resolves every file the runtime needs; `extra` names optional files to look for too.
     pub fn resolve(source: &ModelSource, extra: &[&str]) -> Result<Self> {
+        Self::resolve_showing(source, extra, false)
+    }
+
+    /// [`Self::resolve`], with a progress bar on the terminal for each file it downloads.
+    pub fn resolve_showing(source: &ModelSource, extra: &[&str], progress: bool) -> Result<Self> {
         let files: Box<dyn FileSource> = match source {
             ModelSource::Local(dir) => {
                 if !dir.is_dir() {
@@ -173,7 +189,11 @@ impl ModelDir {
                 };
                 let offline = std::env::var("HF_HUB_OFFLINE")
                     .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
-                Box::new(HubFiles { repo, offline })
+                Box::new(HubFiles {
+                    repo,
+                    offline,
+                    progress,
+                })
             }
         };
         let required = |name: &str| -> Result<PathBuf> {

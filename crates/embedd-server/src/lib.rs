@@ -93,6 +93,51 @@ pub async fn state_with_models(
     })
 }
 
+/// `embedd pull NAME...`: fetches each model's files into the hub cache ahead of time (a progress
+/// bar per download), or confirms a local one is complete; every name is tried, and the result
+/// fails when any did.
+pub fn pull(config: &Config, names: &[String]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !names.is_empty(),
+        "usage: embedd pull NAME... (catalog names or NAME=SOURCE)"
+    );
+    let catalog = Catalog::load(config.models_file.as_deref())?;
+    let mut failed = Vec::new();
+    for name in names {
+        let fetched = catalog
+            .resolve(name, &config.weights_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|choice| {
+                let dir = ModelDir::resolve_showing(&choice.source, PULLED_EXTRAS, true)?;
+                Ok((choice, dir))
+            });
+        match fetched {
+            Ok((choice, dir)) => println!(
+                "{}: ready ({}, {} weight file(s), from {})",
+                choice.name,
+                dir.config
+                    .parent()
+                    .map_or_else(String::new, |p| p.display().to_string()),
+                dir.weight_files.len(),
+                choice.source
+            ),
+            Err(e) => {
+                eprintln!("{name}: {e:#}");
+                failed.push(name.clone());
+            }
+        }
+    }
+    anyhow::ensure!(failed.is_empty(), "could not pull: {}", failed.join(", "));
+    Ok(())
+}
+
+/// The optional files some family or head reads, fetched by `embedd pull` with the rest.
+const PULLED_EXTRAS: &[&str] = &[
+    "artifact.metadata",
+    "preprocessor_config.json",
+    "config_sentence_transformers.json",
+];
+
 fn load_models(config: &Config) -> anyhow::Result<ModelRegistry> {
     let catalog = Catalog::load(config.models_file.as_deref())?;
     let scheduler = SchedulerConfig {

@@ -50,6 +50,21 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(8080);
         return healthcheck(port).await;
     }
+    if std::env::args().nth(1).as_deref() == Some("pull") {
+        // Settings from the environment (EMBEDD_WEIGHTS_DIR, EMBEDD_MODELS_FILE, HF_HOME).
+        let config = Config::parse_from(["embedd"]);
+        init_logging(config.json_logs);
+        let names: Vec<String> = std::env::args().skip(2).collect();
+        let pulled = tokio::task::spawn_blocking(move || embedd_server::pull(&config, &names))
+            .await
+            .context("pull task")?;
+        // Each failure was printed with its name; the summary is one line, no backtrace.
+        if let Err(e) = pulled {
+            eprintln!("embedd pull: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let config = Config::parse();
     init_logging(config.json_logs);
     let state = build_state(&config).await?;
