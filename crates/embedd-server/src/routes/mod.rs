@@ -7,6 +7,7 @@ pub mod multi_vector;
 pub mod openai_batch;
 pub mod openapi;
 pub mod rerank;
+pub mod ui;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(health::ready))
         .route("/openapi.json", get(openapi::document))
         .route("/docs", get(openapi::docs_page))
+        .route("/ui", get(ui::page))
         .route("/metrics", get(crate::metrics::render))
         // Signed links work without the API key.
         .route("/v1/bulk-embeddings/{job_id}/result", get(bulk::download))
