@@ -150,3 +150,74 @@ fn the_page_embeds_reranks_and_runs_a_bulk_job_in_a_browser() {
     assert!(size > 10_000, "screenshot of {size} bytes");
     let _ = std::fs::remove_dir_all(profile);
 }
+
+/// A text-image model on the page: a line that is an image data URI goes as an image, and the
+/// heatmap compares it with the texts as the API does.
+#[test]
+fn the_page_compares_images_with_texts() {
+    let Some(chromium) = chromium() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs chromium for the page test"
+        );
+        eprintln!("skipped: no chromium");
+        return;
+    };
+    let dir = workspace().join("tests/fixtures/models/tiny-clip");
+    let server = Server::start(&["--model", &format!("clip={}", dir.display())]);
+    let png = std::fs::read(workspace().join("tests/fixtures/images/astronaut.png"))
+        .or_else(|_| std::fs::read(first_fixture_image()))
+        .unwrap();
+    let image = format!(
+        "data:image/png;base64,{}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png)
+    );
+    let inputs = format!("a photo of a person\n{image}");
+    let url = reqwest::Url::parse_with_params(
+        &server.url("/ui"),
+        [
+            ("autorun", "1"),
+            ("embed_model", "clip"),
+            ("embed_inputs", inputs.as_str()),
+        ],
+    )
+    .unwrap();
+    let profile = temp_dir("embedd-ui-chromium-clip");
+    let out = headless(&chromium, &profile)
+        .arg("--dump-dom")
+        .arg(url.as_str())
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(dom.contains("data-done=\"1\""), "autorun did not finish");
+    let shown: Vec<f64> = attribute_values(&dom, "data-cosine")
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(shown.len(), 4, "a 2 x 2 heatmap");
+    let live = vectors(
+        &server
+            .post(
+                "/v1/embeddings",
+                &json!({"model": "clip", "input": ["a photo of a person", {"image": image}]}),
+            )
+            .1,
+    );
+    let want = cosine(&live[0], &live[1]);
+    assert!(
+        (shown[1] - want).abs() < 1e-3,
+        "text-image cosine {} vs {want}",
+        shown[1]
+    );
+    let _ = std::fs::remove_dir_all(profile);
+}
+
+/// Some image among the fixtures.
+fn first_fixture_image() -> PathBuf {
+    let dir = workspace().join("tests/fixtures/images");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "png" || x == "jpg"))
+        .expect("an image fixture")
+}
