@@ -7,27 +7,17 @@ import json
 import os
 import re
 import secrets
-import subprocess
+import sys
 import time
 
 import requests
 
+# Replicas start as the scale-out smoke test starts them.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+from scaleout_smoke import start  # noqa: E402
+
 MODEL = "all-MiniLM-L6-v2"
 STAGES = ("claim", "read", "embed", "store", "commit")
-
-
-def start(binary, name, args, work):
-    log = open(os.path.join(work, f"{name}.log"), "w")
-    data = os.path.join(work, f"data-{name}")
-    proc = subprocess.Popen(
-        [binary, "--host", "127.0.0.1", "--port", "0", "--data-dir", data,
-         "--weights-dir", "models/weights", "--model", MODEL, *args],
-        stdout=subprocess.PIPE, stderr=log, text=True)
-    for line in proc.stdout:
-        if line.startswith("embedd listening on "):
-            subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
-            return proc, line.split()[-1]
-    raise SystemExit(f"replica {name} did not start; see {log.name}")
 
 
 def stage_totals(base):

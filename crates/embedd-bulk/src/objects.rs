@@ -176,44 +176,52 @@ impl JobObjects {
     }
 
     /// `header`, then the chunks `indices`' objects of `part` in order, one chunk in memory at a
-    /// time.
-    pub fn parts_stream(
+    /// time. The first object is fetched before this returns, so a store that cannot serve it
+    /// is an error for the caller to answer, not a body cut off after its status line.
+    pub async fn parts_stream(
         &self,
         id: &str,
         indices: Vec<u64>,
         part: ChunkPart,
         header: &'static [u8],
-    ) -> ObjectStream {
+    ) -> Result<ObjectStream, ObjectsError> {
         let store = self.store.clone();
         let id = id.to_string();
-        let head = futures_util::stream::once(async move { Ok(Bytes::from_static(header)) })
-            .filter(|h: &Result<Bytes, ObjectsError>| {
-                std::future::ready(h.as_ref().map_or(true, |b| !b.is_empty()))
-            });
-        let rows = futures_util::stream::iter(indices).then(move |index| {
-            let store = store.clone();
-            let path = match part {
-                ChunkPart::Results => chunk_path(&id, index),
-                ChunkPart::Errors => errors_path(&id, index),
-            };
+        let path = move |index| match part {
+            ChunkPart::Results => chunk_path(&id, index),
+            ChunkPart::Errors => errors_path(&id, index),
+        };
+        let mut indices = indices.into_iter();
+        let first = match indices.next() {
+            Some(index) => Some(store.get(&path(index)).await?.bytes().await?),
+            None => None,
+        };
+        let head = (!header.is_empty()).then(|| Bytes::from_static(header));
+        let rest = futures_util::stream::iter(indices).then(move |index| {
+            let (store, path) = (store.clone(), path(index));
             async move { Ok(store.get(&path).await?.bytes().await?) }
         });
-        head.chain(rows).boxed()
+        Ok(
+            futures_util::stream::iter(head.into_iter().chain(first).map(Ok))
+                .chain(rest)
+                .boxed(),
+        )
     }
 
     /// A CSV job's result: the header, then each of its `chunks` in order; a job from before
-    /// chunked results streams its whole result file.
-    pub fn result_stream(&self, id: &str, chunks: u64, header: &'static [u8]) -> ObjectStream {
+    /// chunked results streams its whole result file. Opened as [`Self::parts_stream`] is.
+    pub async fn result_stream(
+        &self,
+        id: &str,
+        chunks: u64,
+        header: &'static [u8],
+    ) -> Result<ObjectStream, ObjectsError> {
         if chunks == 0 {
-            let store = self.store.clone();
-            let path = legacy_result_path(id);
-            return futures_util::stream::once(async move {
-                Ok::<_, ObjectsError>(store.get(&path).await?.into_stream().map_err(Into::into))
-            })
-            .try_flatten()
-            .boxed();
+            let legacy = self.store.get(&legacy_result_path(id)).await?;
+            return Ok(legacy.into_stream().map_err(Into::into).boxed());
         }
         self.parts_stream(id, (0..chunks).collect(), ChunkPart::Results, header)
+            .await
     }
 
     /// A file uploaded to `/v1/files`.
@@ -290,6 +298,8 @@ mod tests {
             objects.put_chunk("j1", 0, b"a,0\n".to_vec()).await.unwrap();
             let all: Vec<Bytes> = objects
                 .result_stream("j1", 2, b"h\n")
+                .await
+                .unwrap()
                 .try_collect()
                 .await
                 .unwrap();
@@ -299,6 +309,8 @@ mod tests {
             std::fs::write(dir.join("jobs/old/result.csv"), b"text,embedding\nx,1\n").unwrap();
             let old: Vec<Bytes> = objects
                 .result_stream("old", 0, b"unused\n")
+                .await
+                .unwrap()
                 .try_collect()
                 .await
                 .unwrap();

@@ -147,9 +147,10 @@ impl BulkWorker {
     }
 
     async fn run_loop(self: Arc<Self>) {
+        // The served models are fixed once the server is up.
+        let models = self.embedder.models();
         while !self.stopping.load(Ordering::Acquire) {
             self.sweep_now_and_then().await;
-            let models = self.embedder.models();
             let claiming = Instant::now();
             match self
                 .store
@@ -609,11 +610,13 @@ mod tests {
                 .chunks;
             let parts: Vec<Bytes> = self
                 .rt
-                .block_on(
-                    self.objects
+                .block_on(async {
+                    let stream = self
+                        .objects
                         .result_stream(id, chunks, RESULT_HEADER)
-                        .try_collect(),
-                )
+                        .await?;
+                    stream.try_collect().await
+                })
                 .unwrap();
             let all = parts.concat();
             csv::Reader::from_reader(&all[..])
@@ -755,11 +758,10 @@ mod tests {
                 .map(|c| c.index)
                 .collect();
             let parts: Vec<Bytes> =
-                f.rt.block_on(
-                    f.objects
-                        .parts_stream(&id, indices, part, b"")
-                        .try_collect(),
-                )
+                f.rt.block_on(async {
+                    let stream = f.objects.parts_stream(&id, indices, part, b"").await?;
+                    stream.try_collect().await
+                })
                 .unwrap();
             parts
                 .concat()

@@ -12,7 +12,6 @@ use embedd_api::{
 };
 use embedd_bulk::store::JobRecord;
 use embedd_bulk::{csv_input, new_job_id, JobKind, NewJob, RESULT_HEADER};
-use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::auth::Caller;
@@ -298,24 +297,16 @@ pub async fn download(
     if record.job.status != BulkJobStatus::Completed || record.kind != JobKind::Csv {
         return Err(ApiError::NotFound(format!("no result for job '{job_id}'")));
     }
-    let mut chunks = state
+    let result = state
         .bulk
         .objects
-        .result_stream(&job_id, record.chunks, RESULT_HEADER);
-    // The header and the first chunk are fetched before the status line goes out, so a store
-    // that cannot serve the result gives an error response rather than a cut-off body.
-    let mut head = Vec::with_capacity(2);
-    for _ in 0..2 {
-        match chunks.next().await {
-            Some(Ok(piece)) => head.push(Ok(piece)),
-            Some(Err(e)) if e.is_not_found() => {
-                return Err(ApiError::NotFound(format!("no result for job '{job_id}'")))
-            }
-            Some(Err(e)) => return Err(ApiError::Internal(e.to_string())),
-            None => break,
-        }
-    }
-    let body = Body::from_stream(futures_util::stream::iter(head).chain(chunks));
+        .result_stream(&job_id, record.chunks, RESULT_HEADER)
+        .await
+        .map_err(|e| match e.is_not_found() {
+            true => ApiError::NotFound(format!("no result for job '{job_id}'")),
+            false => ApiError::Internal(e.to_string()),
+        })?;
+    let body = Body::from_stream(result);
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),

@@ -55,6 +55,19 @@ pub async fn live() -> Json<Value> {
 /// How long `/ready` waits for each store.
 const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A store's answer to a ping within [`STORE_PROBE_TIMEOUT`].
+async fn probe<E: std::fmt::Display>(
+    ping: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(STORE_PROBE_TIMEOUT, ping).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {} s",
+            STORE_PROBE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
 /// Readiness: every model serving (models load before the server listens), the bulk job store
 /// and object store answering, and not shutting down. 503 names what is not ready, so an
 /// orchestrator sends traffic elsewhere until it is.
@@ -70,15 +83,14 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         }
     }
     let bulk = &state.bulk;
-    match tokio::time::timeout(STORE_PROBE_TIMEOUT, bulk.store.ping()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => waiting.push(format!("bulk job store: {e}")),
-        Err(_) => waiting.push("bulk job store: no answer within 2 s".into()),
-    }
-    match tokio::time::timeout(STORE_PROBE_TIMEOUT, bulk.objects.ping()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => waiting.push(format!("bulk object store: {e}")),
-        Err(_) => waiting.push("bulk object store: no answer within 2 s".into()),
+    let stores = [
+        ("bulk job store", probe(bulk.store.ping()).await),
+        ("bulk object store", probe(bulk.objects.ping()).await),
+    ];
+    for (store, answer) in stores {
+        if let Err(reason) = answer {
+            waiting.push(format!("{store}: {reason}"));
+        }
     }
     if bulk.stopping.load(Ordering::Acquire) {
         waiting.push("shutting down".into());

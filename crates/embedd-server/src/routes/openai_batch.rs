@@ -15,7 +15,6 @@ use embedd_api::openai_batch::{
 use embedd_api::{ModelKind, ValidationError, ValidationErrors};
 use embedd_bulk::store::{BatchRow, DoneChunk, FileRow, JobRecord};
 use embedd_bulk::{batch_input, new_job_id, ChunkPart, JobKind, NewJob};
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
@@ -332,14 +331,13 @@ pub async fn file_content(
                 .filter(|c| part_bytes(c, part) > 0)
                 .map(|c| c.index)
                 .collect();
-            let mut stream = state
+            let stream = state
                 .bulk
                 .objects
-                .parts_stream(&record.job.id, indices, part, b"");
-            // The first piece before the status line: a store that cannot serve the file gives
-            // an error response, not a cut-off body.
-            let first = stream.next().await.transpose().map_err(internal)?;
-            Body::from_stream(futures_util::stream::iter(first.map(Ok)).chain(stream))
+                .parts_stream(&record.job.id, indices, part, b"")
+                .await
+                .map_err(internal)?;
+            Body::from_stream(stream)
         }
     };
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
