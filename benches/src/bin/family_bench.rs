@@ -25,6 +25,9 @@ struct Args {
     /// Run with this task's adapter (models with task adapters, as jina-embeddings-v3).
     #[arg(long)]
     task: Option<String>,
+    /// `f32` or `bf16` (the fused kernels' reduced precision).
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
 }
 
 /// A `/proc/self/status` figure in KiB: `VmHWM` (peak resident set) or `VmRSS` (current).
@@ -52,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         pooling: None,
         max_tokens: Some(args.tokens),
         device: DeviceSpec::Cpu,
-        precision: Precision::F32,
+        precision: args.dtype,
         scheduler: SchedulerConfig {
             max_batch_tokens: (args.tokens * args.batch).max(16_384),
             ..SchedulerConfig::default()
@@ -75,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         "{}",
         json!({
             "model": args.model_dir.display().to_string(), "tokens_per_input": args.tokens,
-            "batch": args.batch, "task": args.task, "tokens_per_s": tokens as f64 / seconds, "seconds": seconds,
+            "batch": args.batch, "task": args.task, "dtype": args.dtype.to_string(), "tokens_per_s": tokens as f64 / seconds, "seconds": seconds,
             "rss_after_load_mib": loaded_rss / 1024, "peak_rss_during_load_mib": load_peak / 1024,
             "peak_rss_during_inference_mib": peak_rss_kib() / 1024,
         })

@@ -12,6 +12,19 @@ fn last_token_vectors_match_transformers() {
     common::check_last_token_vectors("qwen2_code.json", "tiny-qwen2-code", 64);
 }
 
+/// In bf16 (the fused kernels' reduced precision) the vectors stay within 0.999, the long text
+/// included.
+#[test]
+fn bf16_last_token_vectors_stay_close_to_transformers() {
+    common::check_last_token_vectors_in(
+        "qwen2_code.json",
+        "tiny-qwen2-code",
+        64,
+        embedd_runtime::Precision::Bf16,
+        0.999,
+    );
+}
+
 /// `nl2code.query` and `nl2code.passage` (and plain `retrieval.query` / `retrieval.passage`,
 /// which code search maps to them) bring the checkpoint's prompts, in one batch.
 #[test]

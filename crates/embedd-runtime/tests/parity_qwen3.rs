@@ -11,6 +11,19 @@ fn last_token_vectors_match_transformers() {
     common::check_last_token_vectors("qwen3.json", "tiny-qwen3", 64);
 }
 
+/// In bf16 (the fused kernels' reduced precision) the vectors stay within 0.999, the long text
+/// included.
+#[test]
+fn bf16_last_token_vectors_stay_close_to_transformers() {
+    common::check_last_token_vectors_in(
+        "qwen3.json",
+        "tiny-qwen3",
+        64,
+        embedd_runtime::Precision::Bf16,
+        0.999,
+    );
+}
+
 /// `task: retrieval.query` puts the checkpoint's sentence-transformers `query` prompt in front,
 /// as Qwen3-Embedding expects of queries; documents get none.
 #[test]

@@ -8,9 +8,26 @@ use super::{bf16, math, packed, simd_function, DisjointWrites};
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
     pub heads: usize,
+    /// Key/value heads (grouped-query attention): each serves `heads / kv_heads` query heads
+    /// in turn; `heads` for plain multi-head attention.
+    pub kv_heads: usize,
     pub head_dim: usize,
     /// Multiplies `q · k` before the softmax (usually `1 / sqrt(head_dim)`).
     pub scale: f32,
+    /// Each row attends only to the rows up to itself (decoders, CLIP's text tower).
+    pub causal: bool,
+}
+
+impl AttentionShape {
+    /// Width of a packed `[q | k | v]` row.
+    pub fn row_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// The key/value head query head `head` reads.
+    fn kv_head(&self, head: usize) -> usize {
+        head / (self.heads / self.kv_heads)
+    }
 }
 
 /// The arithmetic of the two products, `q · kᵀ` and `softmax · v`.
@@ -28,8 +45,8 @@ pub enum AttentionProducts {
 /// needs 16 MiB per worker instead of a 256 MiB `seq x seq` matrix per head.
 const BLOCK_SCORES: usize = 1 << 22;
 
-/// Self-attention for sequences packed row after row in `qkv` (each row `[q | k | v]`, each
-/// `heads * head_dim` wide); `offsets` holds each sequence's first row plus the total at the
+/// Self-attention for sequences packed row after row in `qkv` (each row `[q | k | v]`, `q`
+/// `heads * head_dim` wide, `k` and `v` `kv_heads * head_dim`); `offsets` holds each sequence's first row plus the total at the
 /// end, and every row of sequence `s` attends to its first `keys[s]` rows (all of them, unless
 /// trailing rows are input that is not attended to, as ColBERT's query [MASK]s).
 /// `alibi_slopes` (one per head) adds `-slope * |i - j|` to the scores. Returns the context
@@ -44,7 +61,14 @@ pub fn attention(
 ) -> Vec<f32> {
     let h = shape.heads * shape.head_dim;
     let total = offsets.last().copied().unwrap_or(0);
-    assert_eq!(qkv.len(), total * 3 * h, "qkv is not {total} x {}", 3 * h);
+    assert!(
+        shape.kv_heads > 0 && shape.heads.is_multiple_of(shape.kv_heads),
+        "{} key/value heads for {} heads",
+        shape.kv_heads,
+        shape.heads
+    );
+    let width = shape.row_width();
+    assert_eq!(qkv.len(), total * width, "qkv is not {total} x {width}");
     if let Some(s) = alibi_slopes {
         assert_eq!(s.len(), shape.heads, "one ALiBi slope per head");
     }
@@ -112,6 +136,20 @@ struct Head {
     shape: AttentionShape,
 }
 
+impl Head {
+    /// Where this head's query, key and value columns start in the row at `row_start`.
+    fn columns(&self, row_start: usize) -> (usize, usize, usize) {
+        let (d, shape) = (self.shape.head_dim, self.shape);
+        let kv = shape.kv_head(self.index) * d;
+        let k = row_start + shape.heads * d;
+        (
+            row_start + self.index * d,
+            k + kv,
+            k + shape.kv_heads * d + kv,
+        )
+    }
+}
+
 /// A worker's buffers. Grown, never cleared: each use overwrites what it reads.
 #[derive(Default)]
 struct Scratch {
@@ -176,13 +214,10 @@ unsafe fn attend_one(
 ) {
     let d = head.shape.head_dim;
     let h = head.shape.heads * d;
-    let row = 3 * h as isize;
-    let base = first * 3 * h + head.index * d;
-    let (q, k, v) = (
-        qkv[base..].as_ptr(),
-        qkv[base + h..].as_ptr(),
-        qkv[base + 2 * h..].as_ptr(),
-    );
+    let width = head.shape.row_width();
+    let row = width as isize;
+    let (q, k, v) = head.columns(first * width);
+    let (q, k, v) = (qkv[q..].as_ptr(), qkv[k..].as_ptr(), qkv[v..].as_ptr());
     let block = (BLOCK_SCORES / keys).clamp(1, len);
     for start in (0..len).step_by(block) {
         let rows = block.min(len - start);
@@ -212,7 +247,15 @@ unsafe fn attend_one(
                 gemm::Parallelism::None,
             );
         }
-        softmax_rows(scores, keys, keys, start, head.shape.scale, head.slope);
+        softmax_rows(
+            scores,
+            keys,
+            keys,
+            start,
+            head.shape.scale,
+            head.slope,
+            head.shape.causal,
+        );
         // SAFETY: the destination is this task's rows x head columns of `out` (row stride h).
         unsafe {
             gemm::gemm(
@@ -254,18 +297,23 @@ unsafe fn attend_one_bf16(
 ) {
     let d = head.shape.head_dim;
     let h = head.shape.heads * d;
-    let base = first * 3 * h + head.index * d;
-    let sequence = &qkv[base..base + (len - 1) * 3 * h + 2 * h + d];
-    scratch.keys.pack_keys(&sequence[h..], 3 * h, keys, d);
-    scratch
-        .values
-        .pack_values(&sequence[2 * h..], 3 * h, keys, d);
+    let width = head.shape.row_width();
+    let (q, k, v) = head.columns(first * width);
+    let end = (first + len - 1) * width + width;
+    scratch.keys.pack_keys(&qkv[k..end], width, keys, d);
+    scratch.values.pack_values(&qkv[v..end], width, keys, d);
     // Score rows are whole strips wide; the padding columns are left out of the softmax.
     let stride = packed::padded_width(keys);
     let block = (BLOCK_SCORES / stride).clamp(1, len);
     for start in (0..len).step_by(block) {
         let rows = block.min(len - start);
-        bf16::round_rows(&sequence[start * 3 * h..], 3 * h, rows, d, &mut scratch.lhs);
+        bf16::round_rows(
+            &qkv[q + start * width..end],
+            width,
+            rows,
+            d,
+            &mut scratch.lhs,
+        );
         let scores = grown(&mut scratch.scores, rows * stride);
         // SAFETY: scores holds rows x stride, the keys' strips' width.
         unsafe {
@@ -273,7 +321,15 @@ unsafe fn attend_one_bf16(
                 .keys
                 .product(&scratch.lhs, rows, scores.as_mut_ptr(), stride)
         };
-        softmax_rows(scores, keys, stride, start, head.shape.scale, head.slope);
+        softmax_rows(
+            scores,
+            keys,
+            stride,
+            start,
+            head.shape.scale,
+            head.slope,
+            head.shape.causal,
+        );
         bf16::round_rows(scores, stride, rows, keys, &mut scratch.lhs);
         // SAFETY: the destination is this task's rows x head columns of `out` (row stride h),
         // d wide: the values' strips.
@@ -291,10 +347,17 @@ unsafe fn attend_one_bf16(
 simd_function! {
     /// Softmax of the first `len` scores of each row of `scores` (rows `stride` apart) after
     /// multiplying them by `scale`, the first row being query `first_row`; with a nonzero
-    /// `slope` the ALiBi bias `-slope * |i - j|` is added first.
-    fn softmax_rows(scores: &mut [f32], len: usize, stride: usize, first_row: usize, scale: f32, slope: f32) {
+    /// `slope` the ALiBi bias `-slope * |i - j|` is added first; `causal` rows weigh only the
+    /// keys up to their own position (the later ones get 0).
+    fn softmax_rows(scores: &mut [f32], len: usize, stride: usize, first_row: usize, scale: f32, slope: f32, causal: bool) {
         for (r, row) in scores.chunks_exact_mut(stride).enumerate() {
-            let row = &mut row[..len];
+            let row = if causal {
+                let seen = (first_row + r + 1).min(len);
+                row[seen..len].fill(0.0);
+                &mut row[..seen]
+            } else {
+                &mut row[..len]
+            };
             // Without ALiBi the scale joins the exponent (scale > 0 keeps the maximum).
             let scale = if slope != 0.0 {
                 let i = (first_row + r) as f32;
@@ -326,13 +389,17 @@ mod tests {
         slopes: &[f32],
     ) -> Vec<f32> {
         let (d, h) = (shape.head_dim, shape.heads * shape.head_dim);
+        let w = shape.row_width();
+        let kv_h = shape.kv_heads * d;
         let mut out = vec![0f32; len * h];
         for head in 0..shape.heads {
+            let kv = head / (shape.heads / shape.kv_heads) * d;
             for i in 0..len {
-                let q = &qkv[i * 3 * h + head * d..][..d];
-                let mut s: Vec<f32> = (0..keys)
+                let q = &qkv[i * w + head * d..][..d];
+                let seen = if shape.causal { keys.min(i + 1) } else { keys };
+                let mut s: Vec<f32> = (0..seen)
                     .map(|j| {
-                        let k = &qkv[j * 3 * h + h + head * d..][..d];
+                        let k = &qkv[j * w + h + kv..][..d];
                         let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
                         dot * shape.scale - slopes[head] * (i as f32 - j as f32).abs()
                     })
@@ -340,8 +407,8 @@ mod tests {
                 let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 s.iter_mut().for_each(|v| *v = (*v - m).exp());
                 let z: f32 = s.iter().sum();
-                for j in 0..keys {
-                    let v = &qkv[j * 3 * h + 2 * h + head * d..][..d];
+                for j in 0..seen {
+                    let v = &qkv[j * w + h + kv_h + kv..][..d];
                     for t in 0..d {
                         out[i * h + head * d + t] += s[j] / z * v[t];
                     }
@@ -361,9 +428,9 @@ mod tests {
         products: AttentionProducts,
         tolerance: f32,
     ) -> Vec<f32> {
-        let h = shape.heads * shape.head_dim;
+        let (h, w) = (shape.heads * shape.head_dim, shape.row_width());
         let total: usize = lens.iter().sum();
-        let qkv: Vec<f32> = (0..total * 3 * h)
+        let qkv: Vec<f32> = (0..total * w)
             .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
             .collect();
         let mut offsets = vec![0];
@@ -373,7 +440,7 @@ mod tests {
         let got = attention(&qkv, &offsets, keys, shape, slopes, products);
         let no_slopes = vec![0.0; shape.heads];
         for (s, &l) in lens.iter().enumerate() {
-            let part = &qkv[offsets[s] * 3 * h..offsets[s + 1] * 3 * h];
+            let part = &qkv[offsets[s] * w..offsets[s + 1] * w];
             let want = reference(part, l, keys[s], shape, slopes.unwrap_or(&no_slopes));
             let got = &got[offsets[s] * h..offsets[s + 1] * h];
             for (g, w) in got.iter().zip(&want) {
@@ -385,16 +452,20 @@ mod tests {
 
     #[test]
     fn packed_attention_matches_the_definition() {
-        let shape = AttentionShape {
-            heads: 3,
-            head_dim: 4,
-            scale: 0.5,
-        };
-        for slopes in [None, Some(&[0.5f32, 0.25, 0.125][..])] {
-            let (lens, keys) = ([5, 1, 9, 2], [5, 1, 6, 0]);
-            check(shape, &lens, &keys, slopes, AttentionProducts::F32, 1e-5);
-            // No whole strips of head columns: bf16 falls back to float32.
-            check(shape, &lens, &keys, slopes, AttentionProducts::Bf16, 1e-5);
+        for (causal, kv_heads) in [(false, 3), (true, 3), (true, 1)] {
+            let shape = AttentionShape {
+                heads: 3,
+                kv_heads,
+                head_dim: 4,
+                scale: 0.5,
+                causal,
+            };
+            for slopes in [None, Some(&[0.5f32, 0.25, 0.125][..])] {
+                let (lens, keys) = ([5, 1, 9, 2], [5, 1, 6, 0]);
+                check(shape, &lens, &keys, slopes, AttentionProducts::F32, 1e-5);
+                // No whole strips of head columns: bf16 falls back to float32.
+                check(shape, &lens, &keys, slopes, AttentionProducts::Bf16, 1e-5);
+            }
         }
     }
 
@@ -404,14 +475,20 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
-        let shape = AttentionShape {
-            heads: 2,
-            head_dim: 64,
-            scale: 0.125,
-        };
         // Odd key counts, several strips of keys, and (400 keys) two passes of value pairs.
         let (lens, keys) = ([5, 1, 41, 400, 3], [5, 1, 33, 400, 0]);
-        for slopes in [None, Some(&[0.5f32, 0.0625][..])] {
+        for (slopes, causal, kv_heads) in [
+            (None, false, 2),
+            (Some(&[0.5f32, 0.0625][..]), false, 2),
+            (None, true, 1),
+        ] {
+            let shape = AttentionShape {
+                heads: 2,
+                kv_heads,
+                head_dim: 64,
+                scale: 0.125,
+                causal,
+            };
             let exact = check(shape, &lens, &keys, slopes, AttentionProducts::F32, 1e-4);
             // bf16 keeps 8 significant bits of inputs in [-1, 1].
             let reduced = check(shape, &lens, &keys, slopes, AttentionProducts::Bf16, 2e-2);

@@ -325,6 +325,176 @@ pub fn bias_residual_layer_norm(
 }
 
 simd_function! {
+    /// `beta` `None`: RMSNorm, else LayerNorm.
+    fn pre_norm_rows(
+        x: &mut [f32],
+        update: &[f32],
+        bias: Option<&[f32]>,
+        normed: &mut [f32],
+        gamma: &[f32],
+        beta: Option<&[f32]>,
+        eps: f32,
+    ) {
+        let n = gamma.len();
+        for ((row, add), out) in x
+            .chunks_exact_mut(n)
+            .zip(update.chunks_exact(n))
+            .zip(normed.chunks_exact_mut(n))
+        {
+            match bias {
+                Some(bias) => {
+                    for ((v, a), b) in row.iter_mut().zip(add).zip(bias) {
+                        *v += a + b;
+                    }
+                }
+                None => {
+                    for (v, a) in row.iter_mut().zip(add) {
+                        *v += a;
+                    }
+                }
+            }
+            out.copy_from_slice(row);
+            match beta {
+                Some(beta) => normalize(out, gamma, beta, eps),
+                None => rms_normalize(out, gamma, eps),
+            }
+        }
+    }
+}
+
+fn residual_then_norm(
+    x: &mut [f32],
+    update: &[f32],
+    bias: Option<&[f32]>,
+    gamma: &[f32],
+    beta: Option<&[f32]>,
+    eps: f32,
+) -> Vec<f32> {
+    let n = gamma.len();
+    assert_eq!(x.len(), update.len(), "residual shape");
+    if let Some(beta) = beta {
+        assert_eq!(beta.len(), n, "LayerNorm beta length");
+    }
+    let mut normed = vec![0f32; x.len()];
+    let per_task = rows_per_task(n) * n;
+    x.par_chunks_mut(per_task)
+        .zip(update.par_chunks(per_task))
+        .zip(normed.par_chunks_mut(per_task))
+        .for_each(|((x, update), normed)| pre_norm_rows(x, update, bias, normed, gamma, beta, eps));
+    normed
+}
+
+/// The residual step of a pre-norm block: `x += update + bias` in place, and returns
+/// `LayerNorm(x)` for the next sub-block, in one pass over the rows.
+pub fn residual_then_layer_norm(
+    x: &mut [f32],
+    update: &[f32],
+    bias: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> Vec<f32> {
+    residual_then_norm(x, update, bias, gamma, Some(beta), eps)
+}
+
+/// [`residual_then_layer_norm`] with an RMSNorm (`x / rms(x) · gamma`).
+pub fn residual_then_rms_norm(
+    x: &mut [f32],
+    update: &[f32],
+    bias: Option<&[f32]>,
+    gamma: &[f32],
+    eps: f32,
+) -> Vec<f32> {
+    residual_then_norm(x, update, bias, gamma, None, eps)
+}
+
+#[inline(always)]
+fn rms_normalize(row: &mut [f32], gamma: &[f32], eps: f32) {
+    let mut squares = [0f32; math::LANES];
+    let chunks = row.chunks_exact(math::LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for i in 0..math::LANES {
+            squares[i] += c[i] * c[i];
+        }
+    }
+    let mean = (squares.iter().sum::<f32>() + tail) / row.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    for (v, g) in row.iter_mut().zip(gamma) {
+        *v = *v * inv * g;
+    }
+}
+
+simd_function! {
+    fn rms_norm_column_rows(
+        rows: &mut [f32],
+        row_len: usize,
+        column: usize,
+        parts: usize,
+        gamma: &[f32],
+        eps: f32,
+    ) {
+        let n = gamma.len();
+        for row in rows.chunks_exact_mut(row_len) {
+            for part in row[column..column + parts * n].chunks_exact_mut(n) {
+                rms_normalize(part, gamma, eps);
+            }
+        }
+    }
+}
+
+/// RMSNorm, in place, of `parts` consecutive runs of `gamma.len()` columns from `column` in
+/// every row (`row_len` wide): the whole row, or each head of a query or key projection.
+pub fn rms_norm_columns(
+    out: &mut [f32],
+    row_len: usize,
+    column: usize,
+    parts: usize,
+    gamma: &[f32],
+    eps: f32,
+) {
+    assert!(
+        column + parts * gamma.len() <= row_len,
+        "columns outside the row"
+    );
+    out.par_chunks_mut(rows_per_task(row_len) * row_len)
+        .for_each(|rows| rms_norm_column_rows(rows, row_len, column, parts, gamma, eps));
+}
+
+/// `RMSNorm(x)` of every row (`gamma.len()` wide) into a new buffer.
+pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+    let mut normed = x.to_vec();
+    rms_norm_columns(&mut normed, gamma.len(), 0, 1, gamma, eps);
+    normed
+}
+
+/// `LayerNorm(x)` of every row (`gamma.len()` wide) into a new buffer, `x` left as it is.
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+    let mut normed = x.to_vec();
+    layer_norm_columns(&mut normed, gamma.len(), 0, gamma, beta, eps);
+    normed
+}
+
+/// `x += update + bias` row by row (a residual step with nothing normalized after it).
+pub fn residual_add(x: &mut [f32], update: &[f32], bias: Option<&[f32]>) {
+    assert_eq!(x.len(), update.len(), "residual shape");
+    let n = bias.map_or(x.len().max(1), <[f32]>::len);
+    let per_task = rows_per_task(n) * n;
+    x.par_chunks_mut(per_task)
+        .zip(update.par_chunks(per_task))
+        .for_each(|(x, update)| match bias {
+            Some(bias) => {
+                for (row, add) in x.chunks_exact_mut(n).zip(update.chunks_exact(n)) {
+                    for ((v, a), b) in row.iter_mut().zip(add).zip(bias) {
+                        *v += a + b;
+                    }
+                }
+            }
+            None => x.iter_mut().zip(update).for_each(|(v, a)| *v += a),
+        });
+}
+
+simd_function! {
     fn low_rank_rows(
         x: &[f32],
         out: &mut [f32],
@@ -444,6 +614,50 @@ mod tests {
             gated_activation(&both, 2, Activation::Relu, false),
             vec![0.0, 8.0]
         );
+    }
+
+    #[test]
+    fn pre_norm_residual_updates_x_and_normalizes_a_copy() {
+        let mut x = vec![1.0f32, 2.0, 3.0, 10.0, 10.0, 10.0];
+        let update = vec![1.0f32, 1.0, 1.0, 2.0, 3.0, 4.0];
+        let (gamma, beta) = ([1.0f32, 1.0, 2.0], [0.0f32, 0.5, 0.0]);
+        let normed = residual_then_layer_norm(
+            &mut x,
+            &update,
+            Some(&[0.0, 0.0, 0.0]),
+            &gamma,
+            &beta,
+            1e-12,
+        );
+        assert_eq!(x, vec![2.0, 3.0, 4.0, 12.0, 13.0, 14.0]);
+        assert_eq!(normed, layer_norm(&x, &gamma, &beta, 1e-12));
+        let z = 1.224_744_9f32;
+        for row in normed.chunks(3) {
+            assert!((row[0] + z).abs() < 1e-5 && (row[1] - 0.5).abs() < 1e-5);
+            assert!((row[2] - 2.0 * z).abs() < 1e-5, "{row:?}");
+        }
+        residual_add(&mut x, &update, Some(&[1.0, 0.0, 0.0]));
+        assert_eq!(x, vec![4.0, 4.0, 5.0, 15.0, 16.0, 18.0]);
+        residual_add(&mut x, &update, None);
+        assert_eq!(x, vec![5.0, 5.0, 6.0, 17.0, 19.0, 22.0]);
+    }
+
+    #[test]
+    fn rms_norm_scales_each_part_to_unit_mean_square() {
+        // Two heads of 2 in a row of 5: columns 1..5 normalized per head, column 0 untouched.
+        let mut rows = vec![7.0f32, 3.0, 4.0, 1.0, 1.0];
+        rms_norm_columns(&mut rows, 5, 1, 2, &[1.0, 2.0], 0.0);
+        let r = (12.5f32).sqrt();
+        let want = [7.0, 3.0 / r, 8.0 / r, 1.0, 2.0];
+        for (g, w) in rows.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{rows:?}");
+        }
+        let mut x = vec![1.0f32, 1.0];
+        let normed = residual_then_rms_norm(&mut x, &[2.0, 3.0], None, &[1.0, 1.0], 0.0);
+        assert_eq!(x, vec![3.0, 4.0]);
+        assert_eq!(normed, rms_norm(&x, &[1.0, 1.0], 0.0));
+        let r = (12.5f32).sqrt();
+        assert!((normed[0] - 3.0 / r).abs() < 1e-6 && (normed[1] - 4.0 / r).abs() < 1e-6);
     }
 
     #[test]

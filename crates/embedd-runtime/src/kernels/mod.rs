@@ -21,8 +21,9 @@ use candle_core::{DType, Device, Tensor};
 pub use attention::{attention, AttentionProducts, AttentionShape};
 pub use bf16::PackedBf16;
 pub use dense::{
-    bias_activation, bias_residual_layer_norm, gated_activation, layer_norm_columns,
-    low_rank_update, matmul,
+    bias_activation, bias_residual_layer_norm, gated_activation, layer_norm, layer_norm_columns,
+    low_rank_update, matmul, residual_add, residual_then_layer_norm, residual_then_rms_norm,
+    rms_norm, rms_norm_columns,
 };
 pub use packed::PackedF32;
 pub use rotary::{rotary, RotaryTable};

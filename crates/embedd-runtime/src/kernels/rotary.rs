@@ -31,6 +31,24 @@ impl RotaryTable {
         Self { cos, sin, half }
     }
 
+    /// A table of given angles: `angles` holds `head_dim / 2` per position, position after
+    /// position (2D schemes such as EVA's, where a channel pair's angle is not `position · θᵢ`).
+    pub fn from_angles(head_dim: usize, angles: &[f64]) -> Self {
+        let half = head_dim / 2;
+        assert!(
+            half > 0 && angles.len().is_multiple_of(half),
+            "angles are not whole rows of {half}"
+        );
+        let (sin, cos) = angles
+            .iter()
+            .map(|a| {
+                let (s, c) = a.sin_cos();
+                (s as f32, c as f32)
+            })
+            .unzip();
+        Self { cos, sin, half }
+    }
+
     /// The table as `[len, head_dim / 2]` tensors, as `candle_nn::rotary_emb::rope` takes them.
     pub fn tensors(&self, device: &Device, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
         let len = self.cos.len() / self.half.max(1);
@@ -58,18 +76,18 @@ simd_function! {
     }
 }
 
-/// Rotates the query and key parts of packed `[q | k | v]` rows (`3 · heads · head_dim` wide) in
-/// place, each row by its position in its own sequence. Each head's first half turns against its
-/// second half (GPT-NeoX style, not interleaved), as jina-embeddings-v3 does.
+/// Rotates the query and key parts of packed `[q | k | v]` rows (`heads` query heads and
+/// `kv_heads` key and value heads of `head_dim`) in place, each row by its position in its own
+/// sequence. Each head's first half turns against its second half (GPT-NeoX style, not
+/// interleaved), as jina-embeddings-v3 and Qwen do.
 pub fn rotary(
     qkv: &mut [f32],
     offsets: &[usize],
-    heads: usize,
-    head_dim: usize,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
     table: &RotaryTable,
 ) {
-    let h = heads * head_dim;
-    let width = 3 * h;
+    let turned = (heads + kv_heads) * head_dim;
+    let width = turned + kv_heads * head_dim;
     assert_eq!(
         table.half * 2,
         head_dim,
@@ -83,7 +101,7 @@ pub fn rotary(
                 let index = chunk * per_task + i;
                 let sequence = offsets.partition_point(|&o| o <= index).saturating_sub(1);
                 let (cos, sin) = table.at(index - offsets[sequence]);
-                rotate_row(&mut row[..2 * h], cos, sin);
+                rotate_row(&mut row[..turned], cos, sin);
             }
         });
 }
@@ -91,6 +109,21 @@ pub fn rotary(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_of_angles_is_the_table_of_their_positions() {
+        let built = RotaryTable::new(4, 100.0, 3);
+        let angles: Vec<f64> = (0..3).flat_map(|p| [p as f64, p as f64 * 0.1]).collect();
+        let given = RotaryTable::from_angles(4, &angles);
+        for (a, b) in built
+            .cos
+            .iter()
+            .chain(&built.sin)
+            .zip(given.cos.iter().chain(&given.sin))
+        {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
 
     #[test]
     fn rotates_each_half_pair_by_position_times_frequency() {
@@ -102,7 +135,7 @@ mod tests {
             .iter()
             .flat_map(|&v| row(v).into_iter().chain(row(v)).chain(row(9.0)))
             .collect();
-        rotary(&mut qkv, &[0, 2, 3], 1, 4, &table);
+        rotary(&mut qkv, &[0, 2, 3], (1, 1, 4), &table);
         let turned = |p: f32| {
             let (a1, a2) = (p, p * 0.1);
             [

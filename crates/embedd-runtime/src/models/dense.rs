@@ -1,7 +1,7 @@
 //! A Linear layer that also serves the fused CPU path, in float32 or bfloat16.
 
 use candle_core::{Module, Tensor};
-use candle_nn::Linear;
+use candle_nn::{LayerNorm, Linear};
 
 use super::lora::{AdapterSpan, LinearLora};
 use crate::kernels::{self, HostSlice, PackedBf16, PackedF32};
@@ -62,6 +62,11 @@ impl Dense {
         }
     }
 
+    /// The graph executor's `x · Wᵀ + b`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_adapted(x, &[])
+    }
+
     /// The graph executor's `x · Wᵀ + b`, each batch row with its task adapter's update
     /// (`[batch, seq, in]` input).
     pub fn forward_adapted(
@@ -108,6 +113,14 @@ impl Dense {
     pub fn host_bias(&self) -> candle_core::Result<Option<HostSlice<'_>>> {
         self.bias.as_ref().map(HostSlice::of).transpose()
     }
+}
+
+/// A LayerNorm's gain and bias as host slices, for the fused path.
+pub fn host_norm(norm: &LayerNorm) -> candle_core::Result<(HostSlice<'_>, HostSlice<'_>)> {
+    let Some(beta) = norm.bias() else {
+        candle_core::bail!("LayerNorm without a bias")
+    };
+    Ok((HostSlice::of(norm.weight())?, HostSlice::of(beta)?))
 }
 
 /// Calls `f` with a host float32 `[out, in]` weight as its `k x n` (`in x out`) row-major

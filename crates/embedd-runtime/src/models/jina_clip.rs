@@ -264,7 +264,6 @@ impl FamilyConfig for JinaClipConfig {
         weights: &Weights,
         plan: &ExecutionPlan,
     ) -> Result<Option<Box<dyn ImageTower>>> {
-        plan.without_fused_kernels("jina-clip's EVA02 tower")?;
         let load = || -> candle_core::Result<EvaVisionTower> {
             let projection = self
                 .add_projections
@@ -276,7 +275,12 @@ impl FamilyConfig for JinaClipConfig {
                 })
                 .transpose()?
                 .map(|w: Tensor| Linear::new(w, None));
-            EvaVisionTower::load(weights.vb.pp("vision_model"), &self.vision, projection)
+            EvaVisionTower::load(
+                weights.vb.pp("vision_model"),
+                &self.vision,
+                projection,
+                plan.fused(),
+            )
         };
         let tower = load().map_err(|e| weights.mismatch(e))?;
         Ok(Some(Box::new(tower)))

@@ -10,10 +10,13 @@ pub mod bert;
 pub mod clip;
 pub mod dense;
 pub mod eva;
+#[cfg(test)]
+mod executors;
 pub mod jina_clip;
 pub mod lora;
 pub mod qwen;
 pub mod t5;
+mod vision;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -2,17 +2,20 @@
 //! Qwen2.5-Coder), in the transformers layout (`Qwen3Model`, `Qwen2Model`): causal attention with
 //! grouped key/value heads, rotary positions, SwiGLU feed-forwards, pre-RMSNorm blocks; Qwen3
 //! RMS-normalizes each head's query and key, Qwen2 biases the query, key and value projections
-//! instead. The text's vector is its last token's. Runs on candle's graph.
+//! instead. The text's vector is its last token's. Runs on the fused CPU kernels (f32 or bf16:
+//! packed rows, causal grouped attention per (sequence, head)) or candle's graph.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::{Backbone, Family, FamilyConfig, Weights};
+use super::{Backbone, Dense, Family, FamilyConfig, Weights};
+use crate::activation::Activation;
 use crate::batch::{Hidden, PackedBatch};
 use crate::error::Result;
 use crate::heads::Pooling;
-use crate::plan::ExecutionPlan;
+use crate::kernels::{self, AttentionProducts, AttentionShape, HostSlice, RotaryTable};
+use crate::plan::{ExecutionPlan, FusedProducts};
 
 fn default_theta() -> f64 {
     1_000_000.0
@@ -168,14 +171,13 @@ impl FamilyConfig for Qwen3Config {
     }
 
     fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
-        plan.without_fused_kernels("Qwen")?;
         // Saved from a *ForCausalLM the layers sit under `model.`; from *Model at the root.
         let vb = if weights.vb.contains_tensor("model.embed_tokens.weight") {
             weights.vb.pp("model")
         } else {
             weights.vb.clone()
         };
-        let model = Qwen3Model::load(vb, self).map_err(|e| weights.mismatch(e))?;
+        let model = Qwen3Model::load(vb, self, plan.fused()).map_err(|e| weights.mismatch(e))?;
         Ok(Box::new(model))
     }
 }
@@ -214,40 +216,93 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<T
     x.broadcast_mul(cos)? + turned.broadcast_mul(sin)?
 }
 
+/// An RMSNorm's gain (`x / rms(x) · weight`), read by both executors.
+struct RmsWeight {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsWeight {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+    }
+
+    fn host(&self) -> candle_core::Result<HostSlice<'_>> {
+        HostSlice::of(&self.weight)
+    }
+}
+
 struct Qwen3Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    /// The query, key and value projections as one product giving [q | k | v].
+    qkv: Dense,
+    o: Dense,
     /// Qwen3's per-head norms (Qwen2 has none).
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
+    q_norm: Option<RmsWeight>,
+    k_norm: Option<RmsWeight>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    products: AttentionProducts,
 }
 
 impl Qwen3Attention {
-    fn load(vb: VarBuilder, c: &Qwen3Config) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        c: &Qwen3Config,
+        fused: Option<FusedProducts>,
+    ) -> candle_core::Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim());
         let (q_out, kv_out) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         let qwen2 = c.generation == QwenGeneration::Qwen2;
         let (qkv_bias, o_bias) = (qwen2 || c.attention_bias, !qwen2 && c.attention_bias);
         let norm = |name: &str| match qwen2 {
             true => Ok(None),
-            false => candle_nn::rms_norm(d, c.rms_norm_eps, vb.pp(name)).map(Some),
+            false => RmsWeight::load(vb.pp(name), d, c.rms_norm_eps).map(Some),
         };
+        let parts = [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)];
+        let weight = parts
+            .iter()
+            .map(|(name, out)| vb.pp(name).get((*out, h), "weight"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let bias = qkv_bias
+            .then(|| {
+                parts
+                    .iter()
+                    .map(|(name, out)| vb.pp(name).get(*out, "bias"))
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
+            .transpose()?;
+        let qkv = Linear::new(
+            Tensor::cat(&weight, 0)?,
+            bias.map(|b| Tensor::cat(&b, 0)).transpose()?,
+        );
         Ok(Self {
-            q: candle_nn::linear_b(h, q_out, qkv_bias, vb.pp("q_proj"))?,
-            k: candle_nn::linear_b(h, kv_out, qkv_bias, vb.pp("k_proj"))?,
-            v: candle_nn::linear_b(h, kv_out, qkv_bias, vb.pp("v_proj"))?,
-            o: candle_nn::linear_b(q_out, h, o_bias, vb.pp("o_proj"))?,
+            qkv: Dense::load(qkv, fused)?,
+            o: Dense::load(
+                candle_nn::linear_b(q_out, h, o_bias, vb.pp("o_proj"))?,
+                fused,
+            )?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: d,
+            products: match fused {
+                Some(FusedProducts::Bf16) => AttentionProducts::Bf16,
+                _ => AttentionProducts::F32,
+            },
         })
+    }
+
+    fn scale(&self) -> f64 {
+        (self.head_dim as f64).powf(-0.5)
     }
 
     /// `bias`: `[b, 1, len, len]`, causal and padding together.
@@ -258,19 +313,23 @@ impl Qwen3Attention {
         rope: &(Tensor, Tensor),
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
+        let d = self.head_dim;
+        let qkv = self.qkv.forward(x)?;
         // `[b, heads, len, head_dim]`, each head's query and key RMS-normalized first.
         let split =
-            |t: Tensor, heads: usize, norm: Option<&RmsNorm>| -> candle_core::Result<Tensor> {
-                let t = t.reshape((b, l, heads, self.head_dim))?;
+            |first: usize, heads: usize, norm: Option<&RmsWeight>| -> candle_core::Result<Tensor> {
+                let t = qkv
+                    .narrow(D::Minus1, first * d, heads * d)?
+                    .reshape((b, l, heads, d))?;
                 let t = match norm {
                     Some(norm) => norm.forward(&t)?,
                     None => t,
                 };
                 t.transpose(1, 2)?.contiguous()
             };
-        let q = split(self.q.forward(x)?, self.heads, self.q_norm.as_ref())?;
-        let k = split(self.k.forward(x)?, self.kv_heads, self.k_norm.as_ref())?;
-        let v = split(self.v.forward(x)?, self.kv_heads, None)?;
+        let q = split(0, self.heads, self.q_norm.as_ref())?;
+        let k = split(self.heads, self.kv_heads, self.k_norm.as_ref())?;
+        let v = split(self.heads + self.kv_heads, self.kv_heads, None)?;
         let q = apply_rotary(&q, &rope.0, &rope.1)?;
         let k = apply_rotary(&k, &rope.0, &rope.1)?;
         // Grouped heads: each key/value head serves `heads / kv_heads` query heads in turn.
@@ -280,68 +339,127 @@ impl Qwen3Attention {
                 return t.contiguous();
             }
             t.unsqueeze(2)?
-                .expand((b, self.kv_heads, groups, l, self.head_dim))?
-                .reshape((b, self.heads, l, self.head_dim))
+                .expand((b, self.kv_heads, groups, l, d))?
+                .reshape((b, self.heads, l, d))
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = (q * scale)?.matmul(&k.t()?)?.broadcast_add(bias)?;
+        let scores = (q * self.scale())?.matmul(&k.t()?)?.broadcast_add(bias)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, l, self.heads * self.head_dim))?;
+        let context = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, l, self.heads * d))?;
         self.o.forward(&context)
+    }
+
+    /// The fused path over packed rows: the output projection's product, its bias (if any)
+    /// left to the residual step.
+    fn forward_fused(
+        &self,
+        x: &[f32],
+        offsets: &[usize],
+        keys: &[usize],
+        table: &RotaryTable,
+    ) -> candle_core::Result<Vec<f32>> {
+        let rows = offsets.last().copied().unwrap_or(0);
+        let d = self.head_dim;
+        let width = (self.heads + 2 * self.kv_heads) * d;
+        let mut qkv = self.qkv.forward_host(x, rows)?;
+        kernels::bias_activation(&mut qkv, width, self.qkv.host_bias()?.as_deref(), None);
+        let norms = [
+            (0, self.heads, &self.q_norm),
+            (self.heads, self.kv_heads, &self.k_norm),
+        ];
+        for (first, heads, norm) in norms {
+            if let Some(norm) = norm {
+                let gamma = norm.host()?;
+                kernels::rms_norm_columns(
+                    &mut qkv,
+                    width,
+                    first * d,
+                    heads,
+                    &gamma,
+                    norm.eps as f32,
+                );
+            }
+        }
+        kernels::rotary(&mut qkv, offsets, (self.heads, self.kv_heads, d), table);
+        let shape = AttentionShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: d,
+            scale: self.scale() as f32,
+            causal: true,
+        };
+        let context = kernels::attention(&qkv, offsets, keys, shape, None, self.products);
+        drop(qkv);
+        self.o.forward_host(&context, rows)
     }
 }
 
-/// `down(silu(gate x) * up x)`.
+/// `down(silu(gate x) * up x)`, `gate` and `up` run as one product giving [gate | up].
 struct Qwen3Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate_up: Dense,
+    hidden: usize,
+    down: Dense,
 }
 
 impl Qwen3Mlp {
-    fn load(vb: VarBuilder, c: &Qwen3Config) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        c: &Qwen3Config,
+        fused: Option<FusedProducts>,
+    ) -> candle_core::Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
+        let weight = Tensor::cat(
+            &[
+                vb.pp("gate_proj").get((i, h), "weight")?,
+                vb.pp("up_proj").get((i, h), "weight")?,
+            ],
+            0,
+        )?;
         Ok(Self {
-            gate: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+            gate_up: Dense::load(Linear::new(weight, None), fused)?,
+            hidden: i,
+            down: Dense::load(candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?, fused)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let both = self.gate_up.forward(x)?;
+        let gate = candle_nn::ops::silu(&both.narrow(D::Minus1, 0, self.hidden)?)?;
+        self.down
+            .forward(&(gate * both.narrow(D::Minus1, self.hidden, self.hidden)?)?)
+    }
+
+    fn forward_fused(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        let both = self.gate_up.forward_host(x, rows)?;
+        let inner = kernels::gated_activation(&both, self.hidden, Activation::Silu, true);
+        drop(both);
+        self.down.forward_host(&inner, rows)
     }
 }
 
 /// `x + attn(norm(x))`, then `+ mlp(norm(.))`.
 struct Qwen3Layer {
-    input_norm: RmsNorm,
+    input_norm: RmsWeight,
     attention: Qwen3Attention,
-    post_attention_norm: RmsNorm,
+    post_attention_norm: RmsWeight,
     mlp: Qwen3Mlp,
 }
 
 impl Qwen3Layer {
-    fn load(vb: VarBuilder, c: &Qwen3Config) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        c: &Qwen3Config,
+        fused: Option<FusedProducts>,
+    ) -> candle_core::Result<Self> {
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         Ok(Self {
-            input_norm: candle_nn::rms_norm(
-                c.hidden_size,
-                c.rms_norm_eps,
-                vb.pp("input_layernorm"),
-            )?,
-            attention: Qwen3Attention::load(vb.pp("self_attn"), c)?,
-            post_attention_norm: candle_nn::rms_norm(
-                c.hidden_size,
-                c.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
-            mlp: Qwen3Mlp::load(vb.pp("mlp"), c)?,
+            input_norm: RmsWeight::load(vb.pp("input_layernorm"), h, eps)?,
+            attention: Qwen3Attention::load(vb.pp("self_attn"), c, fused)?,
+            post_attention_norm: RmsWeight::load(vb.pp("post_attention_layernorm"), h, eps)?,
+            mlp: Qwen3Mlp::load(vb.pp("mlp"), c, fused)?,
         })
     }
 
@@ -356,35 +474,69 @@ impl Qwen3Layer {
             .forward(&self.input_norm.forward(x)?, bias, rope)?)?;
         &x + self.mlp.forward(&self.post_attention_norm.forward(&x)?)?
     }
+
+    /// The fused path, `x` (`rows x hidden`) updated in place.
+    fn forward_fused(
+        &self,
+        x: &mut [f32],
+        offsets: &[usize],
+        keys: &[usize],
+        table: &RotaryTable,
+    ) -> candle_core::Result<()> {
+        let rows = offsets.last().copied().unwrap_or(0);
+        let norm = &self.input_norm;
+        let normed = kernels::rms_norm(x, &norm.host()?, norm.eps as f32);
+        let attended = self
+            .attention
+            .forward_fused(&normed, offsets, keys, table)?;
+        drop(normed);
+        let norm = &self.post_attention_norm;
+        let o_bias = self.attention.o.host_bias()?;
+        let normed = kernels::residual_then_rms_norm(
+            x,
+            &attended,
+            o_bias.as_deref(),
+            &norm.host()?,
+            norm.eps as f32,
+        );
+        drop(attended);
+        let out = self.mlp.forward_fused(&normed, rows)?;
+        kernels::residual_add(x, &out, None);
+        Ok(())
+    }
 }
 
 /// The decoder up to its final RMSNorm: one vector per token.
 pub struct Qwen3Model {
     embed_tokens: Embedding,
     layers: Vec<Qwen3Layer>,
-    norm: RmsNorm,
+    norm: RmsWeight,
     hidden_size: usize,
     head_dim: usize,
     theta: f64,
+    fused: Option<FusedProducts>,
 }
 
 impl Qwen3Model {
-    fn load(vb: VarBuilder, c: &Qwen3Config) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        c: &Qwen3Config,
+        fused: Option<FusedProducts>,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             embed_tokens: candle_nn::embedding(c.vocab_size, c.hidden_size, vb.pp("embed_tokens"))?,
             layers: (0..c.num_hidden_layers)
-                .map(|i| Qwen3Layer::load(vb.pp(format!("layers.{i}")), c))
+                .map(|i| Qwen3Layer::load(vb.pp(format!("layers.{i}")), c, fused))
                 .collect::<candle_core::Result<_>>()?,
-            norm: candle_nn::rms_norm(c.hidden_size, c.rms_norm_eps, vb.pp("norm"))?,
+            norm: RmsWeight::load(vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
             hidden_size: c.hidden_size,
             head_dim: c.head_dim(),
             theta: c.theta(),
+            fused,
         })
     }
-}
 
-impl Backbone for Qwen3Model {
-    fn forward(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
+    fn forward_graph(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
         let table = self.embed_tokens.embeddings();
         let (device, dtype) = (table.device().clone(), table.dtype());
         let batch = packed.padded(&device)?;
@@ -399,6 +551,44 @@ impl Backbone for Qwen3Model {
             x = layer.forward(&x, &bias, &rope)?;
         }
         Hidden::from_padded(&self.norm.forward(&x)?, packed)
+    }
+
+    /// The fused path over the packed tokens: no padding, so no masks; each sequence attends
+    /// causally within its own rows.
+    fn forward_fused(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
+        let device = self.embed_tokens.embeddings().device().clone();
+        let ids: Vec<u32> = packed
+            .sequences
+            .iter()
+            .flat_map(|s| s.ids.iter().copied())
+            .collect();
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, &device)?;
+        let mut x = self
+            .embed_tokens
+            .forward(&ids)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let table = RotaryTable::new(self.head_dim, self.theta, packed.max_len());
+        for layer in &self.layers {
+            layer.forward_fused(&mut x, &packed.offsets, &packed.attended, &table)?;
+        }
+        let gamma = self.norm.host()?;
+        kernels::rms_norm_columns(&mut x, self.hidden_size, 0, 1, &gamma, self.norm.eps as f32);
+        Ok(Hidden::new(
+            Tensor::from_vec(x, (total, self.hidden_size), &device)?,
+            packed,
+        ))
+    }
+}
+
+impl Backbone for Qwen3Model {
+    fn forward(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
+        match self.fused {
+            // On a pool worker, as the BERT family does.
+            Some(_) => rayon::scope(|_| self.forward_fused(packed)),
+            None => self.forward_graph(packed),
+        }
     }
 
     fn hidden_size(&self) -> usize {

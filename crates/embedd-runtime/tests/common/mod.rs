@@ -18,16 +18,52 @@ pub fn fixture(file: &str) -> Value {
 
 /// A fixture model from tests/fixtures/models, in float32 on the CPU.
 pub fn model(name: &str) -> TextEmbedder {
-    TextEmbedder::load(&EmbedderSpec {
+    model_in(name, Precision::F32).unwrap()
+}
+
+/// A fixture model in `precision` on the CPU; `None` (said on stderr) for bf16 on a CPU without
+/// AVX-512 BF16.
+pub fn model_in(name: &str, precision: Precision) -> Option<TextEmbedder> {
+    let loaded = TextEmbedder::load(&EmbedderSpec {
         name: name.into(),
         source: ModelSource::Local(fixtures().join("models").join(name)),
         pooling: None,
         max_tokens: None,
         device: DeviceSpec::Cpu,
-        precision: Precision::F32,
+        precision,
         scheduler: SchedulerConfig::default(),
-    })
-    .unwrap()
+    });
+    match loaded {
+        Ok(model) => Some(model),
+        Err(e) if precision == Precision::Bf16 && !embedd_runtime::kernels::bf16::available() => {
+            eprintln!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("{name}: {e}"),
+    }
+}
+
+/// Each synthetic image of `fixture_file` through `model`'s tower (pixels in, vector out),
+/// against the reference's vector at cosine >= `floor`.
+pub fn check_synthetic_images(
+    model: &TextEmbedder,
+    f: &Value,
+    side: usize,
+    tokens: usize,
+    floor: f32,
+) {
+    let cases = f["synthetic"].as_array().unwrap();
+    let items: Vec<PixelItem> = cases
+        .iter()
+        .map(|case| synthetic_pixels(case["k"].as_f64().unwrap() as f32, side, tokens))
+        .collect();
+    let out = runtime().block_on(model.embed_images(items)).unwrap();
+    assert_eq!(out.tokens, cases.len() * tokens);
+    for (got, case) in out.vectors.iter().zip(cases) {
+        let c = cosine(got, &vector(&case["vector"]));
+        eprintln!("model only {}: cosine {c}", case["k"]);
+        assert!(c >= floor, "synthetic {}: cosine {c}", case["k"]);
+    }
 }
 
 pub fn vector(v: &Value) -> Vec<f32> {
@@ -111,8 +147,22 @@ pub fn check_image_files(model: &TextEmbedder, cases: &[Value], side: usize, str
 /// A decoder fixture (`cases`: text, token count, last-token vector, each run alone by the
 /// reference) embedded in one padded batch: every count equal, every vector at cosine >= 0.9999.
 pub fn check_last_token_vectors(fixture_file: &str, model_name: &str, dimensions: usize) {
+    check_last_token_vectors_in(fixture_file, model_name, dimensions, Precision::F32, 0.9999);
+}
+
+/// [`check_last_token_vectors`] in `precision`, at cosine >= `floor` (nothing to check for bf16
+/// on a CPU without it).
+pub fn check_last_token_vectors_in(
+    fixture_file: &str,
+    model_name: &str,
+    dimensions: usize,
+    precision: Precision,
+    floor: f32,
+) {
     let f = fixture(fixture_file);
-    let model = model(model_name);
+    let Some(model) = model_in(model_name, precision) else {
+        return;
+    };
     assert_eq!(model.dimensions(), dimensions);
     let cases = f["cases"].as_array().unwrap();
     let texts: Vec<String> = cases
@@ -126,7 +176,7 @@ pub fn check_last_token_vectors(fixture_file: &str, model_name: &str, dimensions
     let out = runtime().block_on(model.embed(items)).unwrap();
     for (got, case) in out.vectors.iter().zip(cases) {
         let c = cosine(got, &vector(&case["vector"]));
-        eprintln!("{} tokens: cosine {c}", case["tokens"]);
-        assert!(c >= 0.9999, "{:?}: cosine {c}", case["text"]);
+        eprintln!("{precision:?} {} tokens: cosine {c}", case["tokens"]);
+        assert!(c >= floor, "{:?}: cosine {c}", case["text"]);
     }
 }

@@ -112,12 +112,19 @@ impl BertAttention {
             }
         }
         if let Some(table) = &rows.rotary {
-            kernels::rotary(&mut qkv, rows.offsets, self.num_heads, self.head_dim, table);
+            kernels::rotary(
+                &mut qkv,
+                rows.offsets,
+                (self.num_heads, self.num_heads, self.head_dim),
+                table,
+            );
         }
         let shape = AttentionShape {
             heads: self.num_heads,
+            kv_heads: self.num_heads,
             head_dim: self.head_dim,
             scale: self.scale as f32,
+            causal: false,
         };
         let context = kernels::attention(
             &qkv,

@@ -5,7 +5,8 @@ use candle_core::Tensor;
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::BertConfig;
-use crate::kernels::{self, HostSlice};
+use crate::kernels;
+pub(super) use crate::models::dense::host_norm;
 use crate::models::lora::{self, EmbeddingLora, LinearLora, LoraShape};
 use crate::models::Dense;
 use crate::plan::FusedProducts;
@@ -102,14 +103,6 @@ pub(super) fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::
         (vb.get(size, "gamma")?, vb.get(size, "beta")?)
     };
     Ok(LayerNorm::new(weight, bias, eps))
-}
-
-/// A LayerNorm's gain and bias as host slices, for the fused path.
-pub(super) fn host_norm(norm: &LayerNorm) -> candle_core::Result<(HostSlice<'_>, HostSlice<'_>)> {
-    let Some(beta) = norm.bias() else {
-        candle_core::bail!("LayerNorm without a bias")
-    };
-    Ok((HostSlice::of(norm.weight())?, HostSlice::of(beta)?))
 }
 
 /// `out = LayerNorm(out + bias + residual)` on the fused path.
