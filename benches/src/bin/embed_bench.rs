@@ -28,7 +28,7 @@ struct Args {
     model: String,
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
     batches: Vec<usize>,
-    /// Number format for the in-process runs: f32 or bf16.
+    /// Number format for the in-process runs: f32, bf16 or int8.
     #[arg(long, default_value = "f32")]
     dtype: Precision,
     /// Seconds per measurement (after one warm-up pass).

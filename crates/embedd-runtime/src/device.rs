@@ -41,6 +41,10 @@ pub enum Precision {
     Bf16,
     /// Weights stored and computed in float16 (GPUs).
     F16,
+    /// CPUs with AVX-512 VNNI: dense layers on 8-bit weights (one scale per output column)
+    /// and 8-bit inputs (one scale per row), int32 sums; attention, softmax and the norms stay
+    /// float32.
+    Int8,
 }
 
 impl Precision {
@@ -50,6 +54,8 @@ impl Precision {
             Self::F32 => candle_core::DType::F32,
             Self::Bf16 => candle_core::DType::BF16,
             Self::F16 => candle_core::DType::F16,
+            // Quantized from float32 weights at load.
+            Self::Int8 => candle_core::DType::F32,
         }
     }
 }
@@ -62,7 +68,10 @@ impl FromStr for Precision {
             "f32" | "fp32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
-            _ => Err(format!("unknown dtype '{s}': expected f32, bf16 or f16")),
+            "int8" | "i8" => Ok(Self::Int8),
+            _ => Err(format!(
+                "unknown dtype '{s}': expected f32, bf16, f16 or int8"
+            )),
         }
     }
 }
@@ -73,6 +82,7 @@ impl fmt::Display for Precision {
             Self::F32 => write!(f, "f32"),
             Self::Bf16 => write!(f, "bf16"),
             Self::F16 => write!(f, "f16"),
+            Self::Int8 => write!(f, "int8"),
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum FusedProducts {
     /// Dense layers and attention products on bfloat16 inputs with float32 sums (AVX-512
     /// BF16); softmax and LayerNorm stay float32. Weights are packed to bfloat16 at load.
     Bf16,
+    /// Dense layers on 8-bit weights and inputs with int32 sums (AVX-512 VNNI), scaled back to
+    /// float32; attention, softmax and LayerNorm stay float32. Weights are quantized at load.
+    Int8,
 }
 
 /// What runs a backbone's layers.
@@ -58,6 +61,17 @@ impl ExecutionPlan {
                 // Loaded as float32, packed to bfloat16 layer by layer.
                 (DType::F32, Executor::Fused(FusedProducts::Bf16))
             }
+            (DeviceSpec::Cpu, Precision::Int8) => {
+                if !kernels::int8::available() {
+                    return Err(refuse(
+                        "int8 needs a CPU with AVX-512 VNNI (avx512_vnni); use f32",
+                    ));
+                }
+                (DType::F32, Executor::Fused(FusedProducts::Int8))
+            }
+            (DeviceSpec::Cuda(_), Precision::Int8) => {
+                return Err(refuse("int8 runs on the CPU; on CUDA use f16, bf16 or f32"))
+            }
             (DeviceSpec::Cpu, Precision::F16) => {
                 return Err(refuse(
                     "f16 runs on CUDA devices; on the CPU use f32 or bf16",
@@ -97,10 +111,16 @@ impl ExecutionPlan {
                 executor: Executor::Graph,
                 ..self.clone()
             }),
-            Executor::Fused(FusedProducts::Bf16) => Err(RuntimeError::Precision {
-                precision: Precision::Bf16.to_string(),
-                reason: format!("{family} has no reduced-precision CPU path; use f32"),
-            }),
+            Executor::Fused(reduced @ (FusedProducts::Bf16 | FusedProducts::Int8)) => {
+                Err(RuntimeError::Precision {
+                    precision: match reduced {
+                        FusedProducts::Int8 => Precision::Int8,
+                        _ => Precision::Bf16,
+                    }
+                    .to_string(),
+                    reason: format!("{family} has no reduced-precision CPU path; use f32"),
+                })
+            }
         }
     }
 
@@ -117,6 +137,7 @@ impl fmt::Display for ExecutionPlan {
         let executor = match self.executor {
             Executor::Fused(FusedProducts::F32) => "fused f32",
             Executor::Fused(FusedProducts::Bf16) => "fused bf16",
+            Executor::Fused(FusedProducts::Int8) => "fused int8",
             Executor::Graph => "graph",
         };
         write!(
@@ -148,6 +169,13 @@ mod tests {
                 assert!(bf16.without_fused_kernels("T5").is_err());
             }
             Err(e) => assert!(!kernels::bf16::available(), "{e}"),
+        }
+        match ExecutionPlan::resolve(DeviceSpec::Cpu, Precision::Int8) {
+            Ok(int8) => {
+                assert_eq!(int8.executor, Executor::Fused(FusedProducts::Int8));
+                assert!(int8.without_fused_kernels("T5").is_err());
+            }
+            Err(e) => assert!(!kernels::int8::available(), "{e}"),
         }
     }
 }

@@ -75,6 +75,7 @@ fn check_within(model: &TextEmbedder, f: &Value, min_cosine: f64) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let out = rt.block_on(model.embed(items)).unwrap();
     assert_eq!(out.vectors.len(), texts.len());
+    let mut worst = f64::INFINITY;
     for (i, (ours, theirs)) in out
         .vectors
         .iter()
@@ -89,8 +90,10 @@ fn check_within(model: &TextEmbedder, f: &Value, min_cosine: f64) {
             .collect();
         assert_eq!(ours.len(), theirs.len());
         let c = cosine(ours, &theirs);
+        worst = worst.min(c);
         assert!(c >= min_cosine, "text {i} {:?}: cosine {c}", &texts[i]);
     }
+    eprintln!("lowest cosine over {} texts: {worst:.6}", texts.len());
 }
 
 #[test]
@@ -110,6 +113,24 @@ fn bf16_vectors_keep_cosine_0_999_with_sentence_transformers() {
         &load_as(SchedulerConfig::default(), Precision::Bf16),
         &f,
         0.999,
+    );
+}
+
+/// `--dtype int8`: 8-bit dense layers (per-column weight scales, per-row input scales) with
+/// float32 attention and norms. They do not hold 0.999 (the lowest is 0.9814 on this fixture;
+/// keeping any three of the four dense layers of each block in bf16 still gives only 0.996):
+/// this pins what they do reach, 0.98, so a regression shows.
+#[test]
+fn int8_vectors_keep_cosine_0_98_with_sentence_transformers() {
+    if !embedd_runtime::kernels::int8::available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let f = fixture();
+    check_within(
+        &load_as(SchedulerConfig::default(), Precision::Int8),
+        &f,
+        0.98,
     );
 }
 

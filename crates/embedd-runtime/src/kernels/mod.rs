@@ -12,6 +12,7 @@
 pub mod attention;
 pub mod bf16;
 pub mod dense;
+pub mod int8;
 pub mod math;
 pub mod packed;
 pub mod rotary;
@@ -25,6 +26,7 @@ pub use dense::{
     low_rank_update, matmul, residual_add, residual_then_layer_norm, residual_then_rms_norm,
     rms_norm, rms_norm_columns,
 };
+pub use int8::PackedI8;
 pub use packed::PackedF32;
 pub use rotary::{rotary, RotaryTable};
 

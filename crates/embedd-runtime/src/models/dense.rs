@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{LayerNorm, Linear};
 
 use super::lora::{AdapterSpan, LinearLora};
-use crate::kernels::{self, HostSlice, PackedBf16, PackedF32};
+use crate::kernels::{self, HostSlice, PackedBf16, PackedF32, PackedI8};
 use crate::plan::FusedProducts;
 
 /// Where a Dense layer's weight lives. Each layer holds one form only: a packed copy beside the
@@ -18,6 +18,8 @@ enum Weight {
     F32(PackedF32),
     /// Rounded to bfloat16 and packed, when the model runs in reduced precision.
     Bf16(PackedBf16),
+    /// Quantized to 8 bits per output column and packed (`--dtype int8`).
+    Int8(PackedI8),
 }
 
 pub struct Dense {
@@ -37,6 +39,7 @@ impl Dense {
         let weight = match fused {
             None => Weight::Candle(weight.clone()),
             Some(FusedProducts::Bf16) => Weight::Bf16(with_transposed(weight, PackedBf16::pack)?),
+            Some(FusedProducts::Int8) => Weight::Int8(with_transposed(weight, PackedI8::pack)?),
             Some(FusedProducts::F32) if PackedF32::available() => {
                 Weight::F32(with_transposed(weight, PackedF32::pack)?)
             }
@@ -59,6 +62,7 @@ impl Dense {
             Weight::Candle(w) => w.dim(0),
             Weight::F32(p) => Ok(p.n()),
             Weight::Bf16(p) => Ok(p.n()),
+            Weight::Int8(p) => Ok(p.n()),
         }
     }
 
@@ -104,6 +108,7 @@ impl Dense {
         match &self.weight {
             Weight::F32(packed) => Ok(packed.matmul(x, rows)),
             Weight::Bf16(packed) => Ok(packed.matmul(x, rows)),
+            Weight::Int8(packed) => Ok(packed.matmul(x, rows)),
             Weight::Candle(w) => {
                 with_transposed(w, |weight, k, n| kernels::matmul(x, rows, k, weight, n))
             }
@@ -179,11 +184,19 @@ mod tests {
             let linear = Linear::new(weight.clone(), None);
             forms.push(("bf16", Dense::load(linear, Some(FusedProducts::Bf16))?));
         }
+        if kernels::int8::available() {
+            let linear = Linear::new(weight.clone(), None);
+            forms.push(("int8", Dense::load(linear, Some(FusedProducts::Int8))?));
+        }
         for (name, dense) in &forms {
             assert_eq!(dense.out_features()?, n, "{name}");
             // The bias is left to the pass after the product.
             let got = dense.forward_host(&x, rows)?;
-            let tolerance = if *name == "bf16" { 2e-2 } else { 1e-5 };
+            let tolerance = match *name {
+                "bf16" => 2e-2,
+                "int8" => 5e-2,
+                _ => 1e-5,
+            };
             for (g, w) in got.iter().zip(&want) {
                 assert!(
                     (g - w).abs() <= tolerance * w.abs().max(1.0),
