@@ -86,22 +86,17 @@ fn image_towers_agree_across_executors() {
     }
 }
 
-/// CLIP's text tower on the fused kernels (causal attention over packed rows) gives the
-/// graph's token vectors, for sequences of different lengths in one batch.
-#[test]
-fn clip_text_tower_agrees_across_executors() {
-    let (dir, config) = fixture("tiny-clip");
-    let sequences: Vec<TokenSequence> = [
-        vec![49406, 320, 1125, 49407],
-        vec![49406, 539, 49407],
-        (0..30).map(|i| 300 + i * 7).collect(),
-    ]
-    .into_iter()
-    .map(|ids: Vec<u32>| TokenSequence {
-        type_ids: vec![0; ids.len()],
-        ids,
-    })
-    .collect();
+/// `name`'s backbone under every plan of [`plans`] gives the graph's token vectors for the
+/// sequences `ids`, batched together.
+fn backbone_agrees_across_executors(name: &str, ids: Vec<Vec<u32>>) {
+    let (dir, config) = fixture(name);
+    let sequences: Vec<TokenSequence> = ids
+        .into_iter()
+        .map(|ids| TokenSequence {
+            type_ids: vec![0; ids.len()],
+            ids,
+        })
+        .collect();
     let batch = PackedBatch::new(sequences.iter().collect(), 0);
     let mut reference: Option<Vec<Vec<f32>>> = None;
     for (plan_name, plan) in plans() {
@@ -117,10 +112,22 @@ fn clip_text_tower_agrees_across_executors() {
                 } else {
                     0.99999
                 };
-                assert_close(&got, want, floor, plan_name);
+                assert_close(&got, want, floor, &format!("{name} {plan_name}"));
             }
         }
     }
+}
+
+/// CLIP's text tower on the fused kernels (causal attention over packed rows) gives the
+/// graph's token vectors, for sequences of different lengths in one batch.
+#[test]
+fn clip_text_tower_agrees_across_executors() {
+    let ids = vec![
+        vec![49406, 320, 1125, 49407],
+        vec![49406, 539, 49407],
+        (0..30).map(|i| 300 + i * 7).collect(),
+    ];
+    backbone_agrees_across_executors("tiny-clip", ids);
 }
 
 /// The decoders (Qwen3 with per-head q/k norms, Qwen2 with q/k/v biases; both with grouped
@@ -129,40 +136,11 @@ fn clip_text_tower_agrees_across_executors() {
 #[test]
 fn decoders_agree_across_executors() {
     for name in ["tiny-qwen3", "tiny-qwen2-code"] {
-        let (dir, config) = fixture(name);
-        let sequences: Vec<TokenSequence> = [
-            (0..40).map(|i| 10 + i * 13).collect::<Vec<u32>>(),
+        let ids = vec![
+            (0..40).map(|i| 10 + i * 13).collect(),
             vec![5, 6, 7],
             vec![42],
-        ]
-        .into_iter()
-        .map(|ids| TokenSequence {
-            type_ids: vec![0; ids.len()],
-            ids,
-        })
-        .collect();
-        let batch = PackedBatch::new(sequences.iter().collect(), 0);
-        let mut reference: Option<Vec<Vec<f32>>> = None;
-        for (plan_name, plan) in plans() {
-            let weights = Weights::open(&dir, &plan).unwrap();
-            let backbone = load_backbone(&weights, &config, &plan).unwrap();
-            let got = backbone
-                .forward(&batch)
-                .unwrap()
-                .states
-                .to_vec2::<f32>()
-                .unwrap();
-            match &reference {
-                None => reference = Some(got),
-                Some(want) => {
-                    let floor = if plan_name.contains("bf16") {
-                        0.999
-                    } else {
-                        0.99999
-                    };
-                    assert_close(&got, want, floor, &format!("{name} {plan_name}"));
-                }
-            }
-        }
+        ];
+        backbone_agrees_across_executors(name, ids);
     }
 }
