@@ -84,6 +84,14 @@ impl<'a> PackedBatch<'a> {
         self.sequences.iter().map(|s| s.len()).max().unwrap_or(0)
     }
 
+    /// Every sequence's token ids, one after another: the fused path's rows.
+    pub fn packed_ids(&self) -> Vec<u32> {
+        self.sequences
+            .iter()
+            .flat_map(|s| s.ids.iter().copied())
+            .collect()
+    }
+
     /// Runs of rows whose sequences use a task adapter, neighbours on one task merged.
     pub fn adapter_spans(&self) -> Vec<AdapterSpan> {
         let mut spans: Vec<AdapterSpan> = Vec::new();

@@ -382,11 +382,7 @@ impl ClipTextTransformer {
     /// The fused path over the packed tokens (no padding), causal attention per sequence.
     fn forward_fused(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
         let device = self.token_embedding.embeddings().device().clone();
-        let ids: Vec<u32> = packed
-            .sequences
-            .iter()
-            .flat_map(|s| s.ids.iter().copied())
-            .collect();
+        let ids = packed.packed_ids();
         let positions: Vec<u32> = packed
             .sequences
             .iter()

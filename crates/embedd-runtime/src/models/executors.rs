@@ -43,6 +43,15 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (norm(a) * norm(b))
 }
 
+/// The lowest cosine to the graph a plan may give: 1e-5 off in f32, 1e-3 in bf16.
+fn floor(plan_name: &str) -> f32 {
+    if plan_name.contains("bf16") {
+        0.999
+    } else {
+        0.99999
+    }
+}
+
 fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], floor: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (g, w) in got.iter().zip(want) {
@@ -70,16 +79,10 @@ fn image_towers_agree_across_executors() {
                 .collect();
             let pixels = Tensor::from_vec(values, (3, 3, side, side), &Device::Cpu).unwrap();
             let got = tower.embed(&pixels).unwrap().to_vec2::<f32>().unwrap();
-            let what = format!("{name} {plan_name}");
             match &reference {
                 None => reference = Some(got),
                 Some(want) => {
-                    let floor = if plan_name.contains("bf16") {
-                        0.999
-                    } else {
-                        0.99999
-                    };
-                    assert_close(&got, want, floor, &what);
+                    assert_close(&got, want, floor(plan_name), &format!("{name} {plan_name}"));
                 }
             }
         }
@@ -107,12 +110,7 @@ fn backbone_agrees_across_executors(name: &str, ids: Vec<Vec<u32>>) {
         match &reference {
             None => reference = Some(got),
             Some(want) => {
-                let floor = if plan_name.contains("bf16") {
-                    0.999
-                } else {
-                    0.99999
-                };
-                assert_close(&got, want, floor, &format!("{name} {plan_name}"));
+                assert_close(&got, want, floor(plan_name), &format!("{name} {plan_name}"));
             }
         }
     }

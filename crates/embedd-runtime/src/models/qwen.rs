@@ -557,11 +557,7 @@ impl Qwen3Model {
     /// causally within its own rows.
     fn forward_fused(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
         let device = self.embed_tokens.embeddings().device().clone();
-        let ids: Vec<u32> = packed
-            .sequences
-            .iter()
-            .flat_map(|s| s.ids.iter().copied())
-            .collect();
+        let ids = packed.packed_ids();
         let total = ids.len();
         let ids = Tensor::from_vec(ids, total, &device)?;
         let mut x = self
