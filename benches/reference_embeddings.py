@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Reference throughput on the same sentences: ONNX Runtime fp32 and sentence-transformers (torch).
+"""Reference throughput on the same sentences: ONNX Runtime fp32 and int8, sentence-transformers.
 
 Prints one JSON line per measurement, as embed-bench does. Needs torch, transformers,
 sentence-transformers, onnxruntime (and onnx to export). The model is exported to ONNX once
-(transformers BertModel, dynamic batch and sequence axes) into --onnx-cache.
+(transformers BertModel, dynamic batch and sequence axes) into --onnx-cache, and quantized from
+there with ONNX Runtime's dynamic quantization (int8 weights, activations quantized per call:
+what fastembed-style CPU pipelines use). ONNX Runtime gets its best case, as its careful users
+give it: the sentences sorted by token count before they are cut into batches, so a batch pads
+little. --vectors-out DIR writes each engine's vectors for the first --vector-count sentences
+(DIR/ENGINE.json) for the cosine check in run-embeddings.
 """
 import argparse
 import json
@@ -17,8 +22,17 @@ def chunks(items, n):
     return [items[i:i + n] for i in range(0, len(items) - n + 1, n)]
 
 
-def measure(sentences, batch, seconds, step):
-    cs = chunks(sentences, batch)
+def sorted_batches(sentences, lengths, n):
+    """Batches cut from the sentences sorted by length, in a fixed shuffled order: a short run
+    then sees the same mix of lengths as a whole pass does, not only the shortest batches."""
+    by_length = [s for _, s in sorted(zip(lengths, sentences), key=lambda p: p[0])]
+    batches = chunks(by_length, n)
+    np.random.default_rng(0).shuffle(batches)
+    return batches
+
+
+def measure(sentences, batch, seconds, step, batches=None):
+    cs = batches if batches is not None else chunks(sentences, batch)
     for c in cs[:2]:
         step(c)
     n = tokens = 0
@@ -54,6 +68,14 @@ def export_onnx(model_dir, path):
         torch.onnx.export(model, args, path, **kwargs)
 
 
+def quantized(path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    out = path.replace(".onnx", ".int8.onnx")
+    if not os.path.exists(out):
+        quantize_dynamic(path, out, weight_type=QuantType.QInt8)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", required=True)
@@ -61,7 +83,9 @@ def main():
     ap.add_argument("--onnx-cache", required=True)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--engines", default="onnxruntime,sentence-transformers")
+    ap.add_argument("--engines", default="onnxruntime,onnxruntime-int8,sentence-transformers")
+    ap.add_argument("--vectors-out")
+    ap.add_argument("--vector-count", type=int, default=128)
     a = ap.parse_args()
     sentences = [l for l in open(a.sentences, encoding="utf-8").read().splitlines() if l]
     batches = [int(b) for b in a.batches.split(",")]
@@ -70,33 +94,52 @@ def main():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     max_len = 256
+    first = sentences[:a.vector_count]
 
-    if "onnxruntime" in engines:
+    def save_vectors(engine, vectors):
+        if a.vectors_out:
+            os.makedirs(a.vectors_out, exist_ok=True)
+            with open(os.path.join(a.vectors_out, engine + ".json"), "w") as f:
+                json.dump(np.asarray(vectors, dtype=np.float64).tolist(), f)
+
+    ort_engines = [e for e in ("onnxruntime", "onnxruntime-int8") if e in engines]
+    if ort_engines:
         import onnxruntime as ort
         path = os.path.join(a.onnx_cache, "model.onnx")
         if not os.path.exists(path):
             os.makedirs(a.onnx_cache, exist_ok=True)
             export_onnx(a.model_dir, path)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        lengths = [len(x) for x in tok(sentences, truncation=True, max_length=max_len)["input_ids"]]
+        for engine in ort_engines:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            model = path if engine == "onnxruntime" else quantized(path)
+            sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
-        def ort_step(c):
-            enc = tok(c, padding=True, truncation=True, max_length=max_len, return_tensors="np")
-            feed = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-            hidden = sess.run(None, feed)[0]
-            m = feed["attention_mask"][..., None].astype(np.float32)
-            pooled = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
-            pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
-            return int(feed["attention_mask"].sum())
+            def ort_embed(c):
+                enc = tok(c, padding=True, truncation=True, max_length=max_len, return_tensors="np")
+                feed = {k: enc[k].astype(np.int64)
+                        for k in ("input_ids", "attention_mask", "token_type_ids")}
+                hidden = sess.run(None, feed)[0]
+                m = feed["attention_mask"][..., None].astype(np.float32)
+                pooled = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+                pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+                return pooled, int(feed["attention_mask"].sum())
 
-        for b in batches:
-            report("onnxruntime-fp32", b, *measure(sentences, b, a.seconds, ort_step))
+            name = "onnxruntime-fp32" if engine == "onnxruntime" else "onnxruntime-int8"
+            save_vectors(name, np.concatenate([ort_embed(first[i:i + 32])[0]
+                                                 for i in range(0, len(first), 32)]))
+            for b in batches:
+                report(name, b, *measure(sentences, b, a.seconds, lambda c: ort_embed(c)[1],
+                                         sorted_batches(sentences, lengths, b)))
 
     if "sentence-transformers" in engines:
         import torch
         from sentence_transformers import SentenceTransformer
         st = SentenceTransformer(a.model_dir, device="cpu")
+        with torch.inference_mode():
+            save_vectors("sentence-transformers",
+                         st.encode(first, batch_size=32, normalize_embeddings=True))
 
         def st_step(c):
             with torch.inference_mode():

@@ -99,13 +99,22 @@ impl PackedBf16 {
     }
 
     /// `x · w` for `x` of `m x k` (float32): `m x n` float32. Call only where [`available`].
+    /// Runs on AMX tiles where the CPU has them and `k` is whole tile steps (32 values).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.product(x, m, true)
+    }
+
+    fn product(&self, x: &[f32], m: usize, tiles_allowed: bool) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "lhs is not {m} x {}", self.k);
         assert!(available(), "bfloat16 matmul on a CPU without AVX-512 BF16");
         let pairs = self.pairs();
-        // Inputs as bf16 pairs, one u32 per pair: the value a kernel broadcasts. Not zeroed
-        // first: every pair is written below.
-        let mut a: Vec<u32> = Vec::with_capacity(m * pairs);
+        #[cfg(target_arch = "x86_64")]
+        let on_tiles = tiles_allowed && super::amx::takes(pairs);
+        #[cfg(not(target_arch = "x86_64"))]
+        let on_tiles = false && tiles_allowed;
+        // Inputs as bf16 pairs, one u32 per pair: the value a kernel broadcasts (and AMX's
+        // left tile rows). Not zeroed first: every pair is written below.
+        let mut a: Vec<u32> = Vec::with_capacity(m.next_multiple_of(16) * pairs);
         let task_rows = rows_per_task(self.k);
         a.spare_capacity_mut()[..m * pairs]
             .par_chunks_mut(pairs * task_rows)
@@ -122,6 +131,15 @@ impl PackedBf16 {
         // SAFETY: round_pairs wrote every pair of every row.
         unsafe { a.set_len(m * pairs) };
         let stride = padded_width(self.n);
+        #[cfg(target_arch = "x86_64")]
+        if on_tiles {
+            // Whole row tiles: the rows past `m` are zeros, and their sums are dropped.
+            let rows = m.next_multiple_of(super::amx::TILE_ROWS);
+            a.resize(rows * pairs, 0);
+            let mut out = super::amx::product(&self.data, pairs, &a, rows, stride / STRIP);
+            out.truncate(m * stride);
+            return unpad(out, m, self.n);
+        }
         // SAFETY: `available()` was checked above; `at` is valid for the tile's rows of 32 (see
         // `tiled_product`).
         let kernel =
@@ -460,6 +478,44 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn amx_tiles_agree_with_the_vector_kernel() {
+        if !super::super::amx::takes(16) {
+            eprintln!("skipped: this CPU (or process) has no AMX-BF16");
+            return;
+        }
+        // Row counts around the 16-row tiles and 32-row blocks; k of 1, 2 and 48 tile steps;
+        // n with a partial strip.
+        for (m, k, n) in [
+            (1, 32, 32),
+            (16, 64, 40),
+            (25, 384, 384),
+            (33, 384, 100),
+            (70, 1536, 64),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.13)
+                .collect();
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 19) as f32 - 9.0) * 0.07)
+                .collect();
+            let packed = PackedBf16::pack(&w, k, n);
+            let tiles = packed.product(&x, m, true);
+            let vectors = packed.product(&x, m, false);
+            assert_eq!(tiles.len(), m * n);
+            // The same bf16 products summed in float32, in a different order.
+            let scale = vectors
+                .iter()
+                .map(|v| v.abs())
+                .fold(0f32, f32::max)
+                .max(1.0);
+            for (t, v) in tiles.iter().zip(&vectors) {
+                assert!((t - v).abs() <= 1e-5 * scale, "{t} vs {v} ({m}x{k}x{n})");
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!
 //! Elementwise loops are compiled three times (AVX-512, AVX2+FMA, baseline) and picked at run time.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod dense;
