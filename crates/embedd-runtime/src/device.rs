@@ -106,10 +106,31 @@ impl DeviceSpec {
                         "{self} requested but this build has no CUDA support (build with `--features cuda`)"
                     )));
                 }
+                #[cfg(feature = "cuda")]
+                if !cuda_driver_present() {
+                    return Err(RuntimeError::Device(format!(
+                        "{self} requested but no NVIDIA driver (libcuda.so.1) was found: no GPU on this machine"
+                    )));
+                }
                 Device::new_cuda(ordinal).map_err(|e| RuntimeError::Device(format!("{self}: {e}")))
             }
         }
     }
+}
+
+/// Whether the CUDA driver library can be opened. The CUDA build loads it at run time, and
+/// candle's device constructor panics when it is missing; asking first turns that into an error.
+#[cfg(feature = "cuda")]
+fn cuda_driver_present() -> bool {
+    ["libcuda.so.1", "libcuda.so"].iter().any(|name| {
+        let name = std::ffi::CString::new(*name).expect("library names have no NUL");
+        // SAFETY: dlopen is given a NUL-terminated name; a handle it returns is closed at once
+        // (the driver stays loaded only if something else holds it).
+        unsafe {
+            let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+            !handle.is_null() && libc::dlclose(handle) == 0
+        }
+    })
 }
 
 #[cfg(test)]
