@@ -122,8 +122,7 @@ impl DeviceSpec {
 /// candle's device constructor panics when it is missing; asking first turns that into an error.
 #[cfg(feature = "cuda")]
 fn cuda_driver_present() -> bool {
-    ["libcuda.so.1", "libcuda.so"].iter().any(|name| {
-        let name = std::ffi::CString::new(*name).expect("library names have no NUL");
+    [c"libcuda.so.1", c"libcuda.so"].iter().any(|name| {
         // SAFETY: dlopen is given a NUL-terminated name; a handle it returns is closed at once
         // (the driver stays loaded only if something else holds it).
         unsafe {
