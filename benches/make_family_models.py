@@ -86,6 +86,7 @@ if not (v3 / "model.safetensors").exists():
     tasks = ["retrieval.query", "retrieval.passage", "separation", "classification", "text-matching"]
     (v3 / "config.json").write_text(json.dumps({
         "architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta", "hidden_size": H3,
+        "auto_map": {"AutoModel": "jinaai/xlm-roberta-flash-implementation--modeling_lora.XLMRobertaLoRA"},
         "num_hidden_layers": L3, "num_attention_heads": HEADS3, "intermediate_size": I3, "vocab_size": V,
         "hidden_act": "gelu", "position_embedding_type": "rotary", "rotary_emb_base": 20000.0,
         "max_position_embeddings": 8194, "type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_token_id": 1,
@@ -98,6 +99,6 @@ if not (t5 / "model.safetensors").exists():
     torch.manual_seed(0)
     cfg = T5Config(vocab_size=30522, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
                    feed_forward_proj="relu")
-    T5EncoderModel(cfg).save_pretrained(t5, safe_serialization=True)
+    T5EncoderModel(cfg).save_pretrained(t5)
     shutil.copy(src / "tokenizer.json", t5 / "tokenizer.json")
 print(jina, v3, t5)

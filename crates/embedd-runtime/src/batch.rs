@@ -194,17 +194,23 @@ impl Hidden {
         let states = if batch.sequences.iter().all(|s| s.len() == l) {
             padded.reshape((b * l, h))?
         } else {
-            let rows = batch
+            // One gather of every sequence's rows: a single kernel on a GPU, where a copy per
+            // sequence would be one launch each.
+            let rows: Vec<u32> = batch
                 .sequences
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| !s.is_empty())
-                .map(|(i, s)| padded.get(i)?.narrow(0, 0, s.len()))
-                .collect::<candle_core::Result<Vec<_>>>()?;
+                .flat_map(|(i, s)| (i * l..i * l + s.len()).map(|r| r as u32))
+                .collect();
             if rows.is_empty() {
                 Tensor::zeros((0, h), padded.dtype(), padded.device())?
             } else {
-                Tensor::cat(&rows, 0)?
+                let count = rows.len();
+                let index = Tensor::from_vec(rows, count, padded.device())?;
+                padded
+                    .contiguous()?
+                    .reshape((b * l, h))?
+                    .index_select(&index, 0)?
             }
         };
         Ok(Self::new(states, batch))

@@ -141,8 +141,8 @@ const PULLED_EXTRAS: &[&str] = &[
 fn load_models(config: &Config) -> anyhow::Result<ModelRegistry> {
     let catalog = Catalog::load(config.models_file.as_deref())?;
     let scheduler = SchedulerConfig {
-        max_batch_tokens: config.max_batch_tokens.max(1),
-        max_batch_size: config.max_batch_size.max(1),
+        max_batch_tokens: config.batch_token_budget(),
+        max_batch_size: config.batch_size_limit(),
         max_queued_items: config.max_queued_inputs.max(1),
         max_background_batch_size: config.max_background_batch_size.max(1),
         max_queue_wait: (config.max_queue_wait_secs > 0.0)

@@ -55,9 +55,13 @@ impl LinearLora {
         out: Tensor,
         adapters: &[Option<usize>],
     ) -> candle_core::Result<Tensor> {
-        add_per_row(out, adapters, self.scaling, |i, task| {
-            let low = x.get(i)?.matmul(&self.a.get(task)?.t()?)?;
-            low.matmul(&self.b_t.get(task)?)
+        let (b, l, k) = x.dims3()?;
+        let rows = x.contiguous()?.reshape((b * l, k))?;
+        add_by_task(out, adapters, self.scaling, |task| {
+            let low = rows.matmul(&self.a.get(task)?.t()?)?;
+            let update = low.matmul(&self.b_t.get(task)?)?;
+            let n = update.dim(D::Minus1)?;
+            update.reshape((b, l, n))
         })
     }
 
@@ -117,35 +121,44 @@ impl EmbeddingLora {
         out: Tensor,
         adapters: &[Option<usize>],
     ) -> candle_core::Result<Tensor> {
-        add_per_row(out, adapters, self.scaling, |i, task| {
-            let low = self.a.get(task)?.index_select(&ids.get(i)?, 0)?;
-            low.matmul(&self.b.get(task)?)
+        let (b, l) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        add_by_task(out, adapters, self.scaling, |task| {
+            let low = self.a.get(task)?.index_select(&flat, 0)?;
+            let update = low.matmul(&self.b.get(task)?)?;
+            let n = update.dim(D::Minus1)?;
+            update.reshape((b, l, n))
         })
     }
 }
 
-/// `out[i] += scaling · update(i, task)` for each batch row `i` that has a task.
-fn add_per_row(
-    out: Tensor,
+/// `out[i] += scaling · update(task)[i]` for each batch row `i` whose task is `task`: one
+/// batched update per task in the batch (not per row: on a GPU each row's products would be
+/// their own kernel launches), masked to that task's rows where the batch mixes tasks.
+fn add_by_task(
+    mut out: Tensor,
     adapters: &[Option<usize>],
     scaling: f64,
-    update: impl Fn(usize, usize) -> candle_core::Result<Tensor>,
+    update: impl Fn(usize) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
-    if adapters.iter().all(Option::is_none) {
-        return Ok(out);
+    let mut tasks: Vec<usize> = adapters.iter().flatten().copied().collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    for task in tasks {
+        let delta = (update(task)? * scaling)?;
+        out = if adapters.iter().all(|a| *a == Some(task)) {
+            (out + delta)?
+        } else {
+            let mask: Vec<f32> = adapters
+                .iter()
+                .map(|a| if *a == Some(task) { 1.0 } else { 0.0 })
+                .collect();
+            let mask = Tensor::from_vec(mask, (adapters.len(), 1, 1), out.device())?
+                .to_dtype(out.dtype())?;
+            (out + delta.broadcast_mul(&mask)?)?
+        };
     }
-    let rows = adapters
-        .iter()
-        .enumerate()
-        .map(|(i, adapter)| {
-            let row = out.get(i)?;
-            match adapter {
-                Some(task) => row + (update(i, *task)? * scaling)?,
-                None => Ok(row),
-            }
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::stack(&rows, 0)
+    Ok(out)
 }
 
 /// Where a parametrized weight keeps its adapters, if it has them.
@@ -220,6 +233,32 @@ mod tests {
         assert!(out[..3 * n].iter().all(|v| *v == 0.0));
         for (g, w) in out[3 * n..].iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
+
+    /// One batch whose rows use task 1, no task and task 0: each row gets its own task's update.
+    #[test]
+    fn a_batch_mixing_tasks_gives_each_row_its_own_update() {
+        let (k, n) = (5, 4);
+        let (a, b) = (randn(&[2, 3, k]), randn(&[2, n, 3]));
+        let lora = LinearLora::load(adapter_weights(&a, &b), shape(), k, n).unwrap();
+        let x = randn(&[3, 2, k]);
+        let zeros = Tensor::zeros((3, 2, n), DType::F32, &Device::Cpu).unwrap();
+        let got = lora.add(&x, zeros, &[Some(1), None, Some(0)]).unwrap();
+        for (row, task) in [(0, Some(1)), (1, None), (2, Some(0))] {
+            let want = match task {
+                Some(t) => {
+                    let merged =
+                        (b.get(t).unwrap().matmul(&a.get(t).unwrap()).unwrap() * 0.5).unwrap();
+                    x.get(row).unwrap().matmul(&merged.t().unwrap()).unwrap()
+                }
+                None => Tensor::zeros((2, n), DType::F32, &Device::Cpu).unwrap(),
+            };
+            let diff = (got.get(row).unwrap() - want).unwrap().abs().unwrap();
+            assert!(
+                diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5,
+                "row {row}"
+            );
         }
     }
 
