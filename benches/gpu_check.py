@@ -139,15 +139,16 @@ def requests_for(model, routes):
     """(key, route, body, extract) for each request one model answers."""
     out = []
     emb = lambda r: [d["embedding"] for d in r["data"]]
+    embed = lambda inputs, **more: {"model": model, "input": inputs, "normalized": False,
+                                    "truncate": True, **more}
     if "embed" in routes:
-        out.append(("texts", "/v1/embeddings", {"model": model, "input": TEXTS, "normalized": False, "truncate": True}, emb))
+        out.append(("texts", "/v1/embeddings", embed(TEXTS), emb))
     if "tasks" in routes:
         for task in V3_TASKS:
-            out.append((f"task:{task}", "/v1/embeddings",
-                        {"model": model, "input": TEXTS, "task": task, "normalized": False, "truncate": True}, emb))
+            out.append((f"task:{task}", "/v1/embeddings", embed(TEXTS, task=task), emb))
     if "images" in routes:
         mixed = [image_input(n) for n in IMAGES] + [{"text": t} for t in TEXTS[:3]]
-        out.append(("images+texts", "/v1/embeddings", {"model": model, "input": mixed, "normalized": False, "truncate": True}, emb))
+        out.append(("images+texts", "/v1/embeddings", embed(mixed), emb))
     if "rerank" in routes:
         scores = lambda r: {str(x["index"]): x["relevance_score"] for x in r["results"]}
         out.append(("rerank", "/v1/rerank", {"model": model, "query": QUERY, "documents": DOCUMENTS,
@@ -204,7 +205,7 @@ def stage(out, minilm):
         f32_to_bf16(src / "model.safetensors", dst / "model.safetensors")
     tok = out / "minilm-tokenizer"
     tok.mkdir(parents=True, exist_ok=True)
-    for f in ["tokenizer.json", "modules.json", "config.json", "sentence_bert_config.json"]:
+    for f in ["tokenizer.json", "modules.json", "sentence_bert_config.json"]:
         shutil.copy(pathlib.Path(minilm) / f, tok / f)
     shutil.copytree(pathlib.Path(minilm) / "1_Pooling", tok / "1_Pooling", dirs_exist_ok=True)
 
@@ -269,13 +270,12 @@ def compare(expected, got, dtype):
     return rows
 
 
-def sentences(count, words, seed):
-    import random
-    vocab = ("the a search engine returns ranked documents for each query while the embedding model maps "
-             "text into vectors and the server batches requests to keep latency low under load").split()
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(vocab) for _ in range(max(1, int(rng.gauss(words, words / 3)))))
-            for _ in range(count)]
+def sentences(count, words):
+    """benches/make_sentences.py's deterministic benchmark sentences."""
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as f:
+        subprocess.run([sys.executable, str(ROOT / "benches/make_sentences.py"), "--count", str(count),
+                        "--words", str(words), "--out", f.name], check=True)
+        return f.read().splitlines()
 
 
 def throughput(server, model, inputs, batch, concurrency, extra, seconds):
@@ -372,7 +372,7 @@ def main():
         return 1 if failed else 0
 
     # bench
-    short = sentences(8192, 20, 1)
+    short = sentences(8192, 20)
     long_text = " ".join(["token"] * 510)  # 512 WordPiece tokens with [CLS] and [SEP]
     for spec in a.bench_models:
         name, _, rest = spec.partition("=")

@@ -237,20 +237,23 @@ pub struct Config {
 impl Config {
     /// `--max-batch-tokens`, else the device's default.
     pub fn batch_token_budget(&self) -> usize {
-        let default = match self.device {
-            DeviceSpec::Cpu => 16_384,
-            DeviceSpec::Cuda(_) => 131_072,
-        };
-        self.max_batch_tokens.unwrap_or(default).max(1)
+        self.max_batch_tokens
+            .unwrap_or(self.per_device(16_384, 131_072))
+            .max(1)
     }
 
     /// `--max-batch-size`, else the device's default.
     pub fn batch_size_limit(&self) -> usize {
-        let default = match self.device {
-            DeviceSpec::Cpu => 64,
-            DeviceSpec::Cuda(_) => 512,
-        };
-        self.max_batch_size.unwrap_or(default).max(1)
+        self.max_batch_size
+            .unwrap_or(self.per_device(64, 512))
+            .max(1)
+    }
+
+    fn per_device(&self, cpu: usize, gpu: usize) -> usize {
+        match self.device {
+            DeviceSpec::Cpu => cpu,
+            DeviceSpec::Cuda(_) => gpu,
+        }
     }
 }
 
