@@ -66,6 +66,7 @@ FAMILIES = {
     "tiny-jina-reranker-v2": ["rerank"],
     "tiny-colbert": ["multi"],
     "tiny-jina-colbert": ["multi"],
+    "tiny-jina-colbert-v2": ["multi"],
 }
 V3_TASKS = ["retrieval.query", "retrieval.passage", "text-matching", "classification", "separation"]
 

@@ -182,3 +182,56 @@ fn multi_vector_errors_name_the_field() {
     assert_eq!(card["kind"], "multi-vector");
     assert_eq!(card["dimensions"], 16);
 }
+
+/// jina-colbert-v2's layout over HTTP: each Matryoshka width the model card lists (128, 96, 64)
+/// is the reference's vector cut to that prefix and re-normalized, for queries and documents.
+#[test]
+fn jina_colbert_v2_serves_each_matryoshka_width() {
+    const V2: &str = "tiny-jina-colbert-v2";
+    let dir = workspace().join("tests/fixtures/models").join(V2);
+    let server = Server::start(&["--model", &format!("{V2}={}", dir.display())]);
+    let path = workspace().join("tests/fixtures/jina_colbert_v2.json");
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let prefix = |v: &[f32], d: usize| {
+        let cut = &v[..d];
+        let n = norm(cut) as f32;
+        cut.iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    for (input_type, texts, vectors) in [
+        ("query", &f["queries"], &f["query_vectors"]),
+        ("document", &f["documents"], &f["document_vectors"]),
+    ] {
+        let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_value(vectors.clone()).unwrap();
+        for dimensions in [128, 96, 64] {
+            let body = json!({"model": V2, "input": texts, "input_type": input_type,
+                "dimensions": dimensions});
+            let (status, resp) = server.post("/v1/multi-vector", &body);
+            assert_eq!(status, 200, "{resp}");
+            let ours = token_vectors(&resp);
+            assert_eq!(ours.len(), theirs.len());
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert_eq!(a.len(), b.len(), "{input_type} {i}: token count");
+                for (x, y) in a.iter().zip(b) {
+                    assert_eq!(x.len(), dimensions);
+                    let c = cosine(x, &prefix(y, dimensions));
+                    assert!(c >= 0.9999, "{input_type} {i} at {dimensions}: {c}");
+                }
+            }
+        }
+    }
+    let (status, resp) = server.post(
+        "/v1/multi-vector",
+        &json!({"model": V2, "input": "x", "input_type": "passage"}),
+    );
+    assert_eq!(status, 422, "{resp}");
+    assert_eq!(first_error(&resp).0, json!(["body", "input_type"]));
+    let (_, models) = server.get("/v1/models");
+    let card = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == V2)
+        .unwrap()
+        .clone();
+    assert_eq!(card["dimensions"], 128);
+}

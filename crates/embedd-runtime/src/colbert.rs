@@ -1,6 +1,7 @@
 //! A served ColBERT (late-interaction) model, following the reference implementation
 //! (stanford-futuredata/ColBERT): a marker token after [CLS] ([unused0] for queries, [unused1] for
-//! documents); queries cut to `query_maxlen` and padded to it with [MASK] (attended or not, as the
+//! documents; `<s>` and `[QueryMarker]` / `[DocumentMarker]` in XLM-R vocabularies such as
+//! jina-colbert-v2's); queries cut to `query_maxlen` and padded to it with [MASK] (attended or not, as the
 //! checkpoint says), every position returned; documents cut to `doc_maxlen`, not padded, with
 //! punctuation tokens left out; the encoder output projected by `linear` (no bias) and
 //! L2-normalized per token.
@@ -162,21 +163,30 @@ impl ColbertModel {
             })?;
         let dimensions = projection.dimensions();
         let tokenizer = checkpoint.tokenizer(max_tokens)?;
-        let id = |token: &str, field: &str| {
-            tokenizer
-                .token_id(token)
+        // The configured marker first, then the names BERT-vocabulary checkpoints (colbertv2.0,
+        // jina-colbert-v1) and XLM-R ones (jina-colbert-v2) give the same tokens.
+        let id = |field: &str, names: &[&str]| {
+            names
+                .iter()
+                .find_map(|name| tokenizer.token_id(name))
                 .ok_or_else(|| RuntimeError::ModelConfig {
                     path: dir.tokenizer.clone(),
                     field: field.into(),
-                    reason: format!("token '{token}' is not in the vocabulary"),
+                    reason: format!("none of {names:?} is in the vocabulary"),
                 })
         };
         let special = SpecialIds {
-            cls: id("[CLS]", "cls_token")?,
-            sep: id("[SEP]", "sep_token")?,
-            mask: id("[MASK]", "mask_token")?,
-            query_marker: id(&settings.query_token, "query_token_id")?,
-            doc_marker: id(&settings.doc_token, "doc_token_id")?,
+            cls: id("cls_token", &["[CLS]", "<s>"])?,
+            sep: id("sep_token", &["[SEP]", "</s>"])?,
+            mask: id("mask_token", &["[MASK]", "<mask>"])?,
+            query_marker: id(
+                "query_token_id",
+                &[&settings.query_token, "[QueryMarker]", "[Q]", "[unused0]"],
+            )?,
+            doc_marker: id(
+                "doc_token_id",
+                &[&settings.doc_token, "[DocumentMarker]", "[D]", "[unused1]"],
+            )?,
         };
         let skiplist = if settings.mask_punctuation {
             punctuation_ids(&tokenizer)?

@@ -162,9 +162,34 @@ mod tests {
             "all-MiniLM-L6-v2",
             "jina-embeddings-v2-base-en",
             "jina-colbert-v1-en",
+            "jina-colbert-v2",
             "jina-reranker-v1-base-en",
         ] {
             assert!(c.get(name).is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn jina_colbert_v2_entries_match_its_layout() {
+        // The fixture in jina-colbert-v2's hub layout resolves to the family the catalog names,
+        // so `--model jina-colbert-v2` passes the architecture check at load.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny-jina-colbert-v2");
+        let source = ModelSource::Local(dir);
+        let found = embedd_runtime::checkpoint::Checkpoint::open(&source, &[])
+            .unwrap()
+            .config
+            .family();
+        let c = Catalog::load(None).unwrap();
+        for (name, dimensions) in [
+            ("jina-colbert-v2", 128),
+            ("jina-colbert-v2-96", 96),
+            ("jina-colbert-v2-64", 64),
+        ] {
+            let entry = c.get(name).unwrap();
+            assert_eq!(entry.kind, ModelKind::MultiVector, "{name}");
+            assert_eq!(entry.architecture, found, "{name}");
+            assert_eq!(entry.dimensions, Some(dimensions), "{name}");
         }
     }
 
