@@ -56,6 +56,7 @@ FAMILIES = {
     "tiny-jina-v3": ["embed", "tasks"],
     "tiny-qwen2-code": ["embed"],
     "tiny-qwen3": ["embed"],
+    "tiny-eurobert": ["embed"],
     "tiny-t5-relu": ["embed"],
     "tiny-t5-gated": ["embed"],
     "tiny-clip": ["embed", "images"],

@@ -504,6 +504,43 @@ fn code_tasks_on_a_decoder_embedder() {
     assert_eq!(resp["detail"][0]["loc"], json!(["body", "task"]));
 }
 
+/// EuroBERT (a bidirectional Llama-style encoder) over HTTP: mean-pooled vectors match
+/// transformers, in one request with `dimensions` and late chunking (which mean pooling allows),
+/// and the 422s are those of every family.
+#[test]
+fn a_eurobert_encoder_over_http() {
+    let dir = workspace().join("tests/fixtures/models/tiny-eurobert");
+    let server = Server::start(&["--model", &format!("euro={}", dir.display())]);
+    let path = workspace().join("tests/fixtures/eurobert.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "euro", "input": texts, "normalized": false}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    let tokens: u64 = cases.iter().map(|c| c["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(resp["usage"]["total_tokens"], tokens);
+    for (got, case) in vectors(&resp).iter().zip(cases) {
+        let c = cosine(got, &floats(&case["vector"]));
+        assert!(c >= 0.9999, "{}: cosine {c}", case["tokens"]);
+    }
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "euro", "input": ["first chunk", "second chunk"], "late_chunking": true,
+                "dimensions": 16}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    assert!(vectors(&resp).iter().all(|v| v.len() == 16));
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "euro", "input": [{"url": "https://example.com/a.png"}]}),
+    );
+    assert_eq!(status, 422, "{resp}");
+    assert_eq!(resp["detail"][0]["loc"], json!(["body", "input", 0]));
+}
+
 /// `--max-request-tokens` bounds one request's model time: past it, a 422 naming `input`, for
 /// plain and late-chunked requests alike; within it, served.
 #[test]

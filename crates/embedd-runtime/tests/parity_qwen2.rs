@@ -9,14 +9,14 @@ use common::{cosine, fixture, runtime, vector};
 
 #[test]
 fn last_token_vectors_match_transformers() {
-    common::check_last_token_vectors("qwen2_code.json", "tiny-qwen2-code", 64);
+    common::check_case_vectors("qwen2_code.json", "tiny-qwen2-code", 64);
 }
 
 /// In bf16 (the fused kernels' reduced precision) the vectors stay within 0.999, the long text
 /// included.
 #[test]
 fn bf16_last_token_vectors_stay_close_to_transformers() {
-    common::check_last_token_vectors_in(
+    common::check_case_vectors_in(
         "qwen2_code.json",
         "tiny-qwen2-code",
         64,

@@ -128,14 +128,14 @@ fn clip_text_tower_agrees_across_executors() {
     backbone_agrees_across_executors("tiny-clip", ids);
 }
 
-/// The decoders (Qwen3 with per-head q/k norms, Qwen2 with q/k/v biases; both with grouped
-/// key/value heads) on the fused kernels, causal attention over packed rows, give the graph's
-/// token vectors for sequences of different lengths in one batch.
+/// The Llama-style blocks (Qwen3 with per-head q/k norms, Qwen2 with q/k/v biases, both causal;
+/// EuroBERT bidirectional; all with grouped key/value heads) on the fused kernels over packed rows
+/// give the graph's token vectors for sequences of different lengths in one padded batch.
 #[test]
 fn decoders_agree_across_executors() {
-    for name in ["tiny-qwen3", "tiny-qwen2-code"] {
+    for name in ["tiny-qwen3", "tiny-qwen2-code", "tiny-eurobert"] {
         let ids = vec![
-            (0..40).map(|i| 10 + i * 13).collect(),
+            (0..40).map(|i| (10 + i * 13) % 240).collect(),
             vec![5, 6, 7],
             vec![42],
         ];

@@ -100,7 +100,7 @@ pub const FAMILIES: &[(&[&str], ReadConfig)] = &[
     (&["t5"], t5::read_config),
     (&["clip"], clip::read_config),
     (&["jina_clip"], jina_clip::read_config),
-    (&["qwen3", "qwen2"], qwen::read_config),
+    (&["qwen3", "qwen2", "eurobert"], qwen::read_config),
 ];
 
 /// A checkpoint's architecture, from `config.json`, resolved once at load.
@@ -124,6 +124,9 @@ pub enum Family {
     JinaClip,
     Qwen2,
     Qwen3,
+    /// EuroBERT (jina-embeddings-v5-text-nano's base): the Llama block, attending both ways.
+    #[serde(rename = "eurobert")]
+    EuroBert,
 }
 
 impl Family {
@@ -139,6 +142,7 @@ impl Family {
             Family::JinaClip => "jina-clip",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::EuroBert => "eurobert",
         }
     }
 }

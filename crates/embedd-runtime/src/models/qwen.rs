@@ -1,9 +1,11 @@
-//! Qwen2 and Qwen3 decoders as embedders (Qwen3-Embedding; jina-code-embeddings, built on
-//! Qwen2.5-Coder), in the transformers layout (`Qwen3Model`, `Qwen2Model`): causal attention with
-//! grouped key/value heads, rotary positions, SwiGLU feed-forwards, pre-RMSNorm blocks; Qwen3
-//! RMS-normalizes each head's query and key, Qwen2 biases the query, key and value projections
-//! instead. The text's vector is its last token's. Runs on the fused CPU kernels (f32 or bf16:
-//! packed rows, causal grouped attention per (sequence, head)) or candle's graph.
+//! Llama-style blocks as embedders, in the transformers layout: the Qwen2 and Qwen3 decoders
+//! (Qwen3-Embedding; jina-code-embeddings, built on Qwen2.5-Coder; `Qwen3Model`, `Qwen2Model`) and
+//! the EuroBERT encoder (`EuroBertModel`). Grouped key/value heads, rotary positions, SwiGLU
+//! feed-forwards, pre-RMSNorm blocks; Qwen3 RMS-normalizes each head's query and key, Qwen2 biases
+//! the query, key and value projections instead, EuroBERT has neither. The decoders attend
+//! causally and a text's vector is its last token's; EuroBERT attends both ways and is
+//! mean-pooled. Runs on the fused CPU kernels (f32 or bf16: packed rows, grouped attention per
+//! (sequence, head)) or candle's graph.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
@@ -27,7 +29,7 @@ fn default_act() -> String {
     "silu".into()
 }
 
-/// Where the two generations differ.
+/// Where the members of the family differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QwenGeneration {
     /// Biased q/k/v projections.
@@ -35,6 +37,14 @@ pub enum QwenGeneration {
     /// Per-head q/k RMSNorm; biases only with `attention_bias`.
     #[default]
     Qwen3,
+    /// Bidirectional attention; no head norms, biases only with `attention_bias`.
+    EuroBert,
+}
+
+impl QwenGeneration {
+    fn causal(self) -> bool {
+        self != QwenGeneration::EuroBert
+    }
 }
 
 /// The fields of a Qwen2 or Qwen3 `config.json` the family reads.
@@ -68,6 +78,9 @@ pub struct Qwen3Config {
     pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// Llama's (EuroBERT's) biased feed-forward; not served.
+    #[serde(default)]
+    pub mlp_bias: bool,
 }
 
 impl Qwen3Config {
@@ -91,9 +104,11 @@ pub(super) fn read_config(
 ) -> std::result::Result<Box<dyn FamilyConfig>, (String, String)> {
     let mut config: Qwen3Config = serde_json::from_value(raw.clone())
         .map_err(|e| ("(qwen config)".to_string(), e.to_string()))?;
-    if raw.get("model_type").and_then(serde_json::Value::as_str) == Some("qwen2") {
-        config.generation = QwenGeneration::Qwen2;
-    }
+    config.generation = match raw.get("model_type").and_then(serde_json::Value::as_str) {
+        Some("qwen2") => QwenGeneration::Qwen2,
+        Some("eurobert") => QwenGeneration::EuroBert,
+        _ => QwenGeneration::Qwen3,
+    };
     let refuse = |field: &str, reason: String| Err((field.to_string(), reason));
     if config.num_key_value_heads == 0
         || !config
@@ -140,6 +155,12 @@ pub(super) fn read_config(
             ),
         );
     }
+    if config.mlp_bias {
+        return refuse(
+            "mlp_bias",
+            "biased feed-forward projections are not supported".into(),
+        );
+    }
     if config.use_sliding_window {
         return refuse(
             "use_sliding_window",
@@ -154,6 +175,7 @@ impl FamilyConfig for Qwen3Config {
         match self.generation {
             QwenGeneration::Qwen2 => Family::Qwen2,
             QwenGeneration::Qwen3 => Family::Qwen3,
+            QwenGeneration::EuroBert => Family::EuroBert,
         }
     }
 
@@ -165,9 +187,12 @@ impl FamilyConfig for Qwen3Config {
         Some(self.max_position_embeddings)
     }
 
-    /// A decoder's last token has seen the whole input.
+    /// A decoder's last token has seen the whole input; an encoder's tokens all have.
     fn default_pooling(&self) -> Option<Pooling> {
-        Some(Pooling::LastToken)
+        Some(match self.generation.causal() {
+            true => Pooling::LastToken,
+            false => Pooling::Mean,
+        })
     }
 
     fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
@@ -243,9 +268,10 @@ struct Qwen3Attention {
     /// The query, key and value projections as one product giving [q | k | v].
     qkv: Dense,
     o: Dense,
-    /// Qwen3's per-head norms (Qwen2 has none).
+    /// Qwen3's per-head norms (Qwen2 and EuroBERT have none).
     q_norm: Option<RmsWeight>,
     k_norm: Option<RmsWeight>,
+    causal: bool,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -262,9 +288,9 @@ impl Qwen3Attention {
         let (q_out, kv_out) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         let qwen2 = c.generation == QwenGeneration::Qwen2;
         let (qkv_bias, o_bias) = (qwen2 || c.attention_bias, !qwen2 && c.attention_bias);
-        let norm = |name: &str| match qwen2 {
-            true => Ok(None),
-            false => RmsWeight::load(vb.pp(name), d, c.rms_norm_eps).map(Some),
+        let norm = |name: &str| match c.generation {
+            QwenGeneration::Qwen3 => RmsWeight::load(vb.pp(name), d, c.rms_norm_eps).map(Some),
+            QwenGeneration::Qwen2 | QwenGeneration::EuroBert => Ok(None),
         };
         let parts = [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)];
         let weight = parts
@@ -291,6 +317,7 @@ impl Qwen3Attention {
             )?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
+            causal: c.generation.causal(),
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: d,
@@ -305,7 +332,7 @@ impl Qwen3Attention {
         (self.head_dim as f64).powf(-0.5)
     }
 
-    /// `bias`: `[b, 1, len, len]`, causal and padding together.
+    /// `bias`: `[b, 1, len, len]`, padding and (for the decoders) causal together.
     fn forward(
         &self,
         x: &Tensor,
@@ -389,7 +416,7 @@ impl Qwen3Attention {
             kv_heads: self.kv_heads,
             head_dim: d,
             scale: self.scale() as f32,
-            causal: true,
+            causal: self.causal,
         };
         let context = kernels::attention(&qkv, offsets, keys, shape, None, self.products);
         drop(qkv);
@@ -514,6 +541,7 @@ pub struct Qwen3Model {
     hidden_size: usize,
     head_dim: usize,
     theta: f64,
+    causal: bool,
     fused: Option<FusedProducts>,
 }
 
@@ -532,6 +560,7 @@ impl Qwen3Model {
             hidden_size: c.hidden_size,
             head_dim: c.head_dim(),
             theta: c.theta(),
+            causal: c.generation.causal(),
             fused,
         })
     }
@@ -542,10 +571,12 @@ impl Qwen3Model {
         let batch = packed.padded(&device)?;
         let l = batch.max_len;
         let mut x = self.embed_tokens.forward(&batch.input_ids)?;
-        // Right padding under a causal mask: real tokens never see the padding after them, and
+        // Right padding: the padding mask keeps real tokens from it (so does a causal mask), and
         // the padded rows are dropped when the batch is packed again.
-        let bias = super::clip::causal_bias(l, dtype, &device)?
-            .broadcast_add(&super::bert::attention_bias(&batch.attention_mask, dtype)?)?;
+        let mut bias = super::bert::attention_bias(&batch.attention_mask, dtype)?;
+        if self.causal {
+            bias = super::clip::causal_bias(l, dtype, &device)?.broadcast_add(&bias)?;
+        }
         let rope = rotary(l, self.head_dim, self.theta, dtype, &device)?;
         for layer in &self.layers {
             x = layer.forward(&x, &bias, &rope)?;
@@ -554,7 +585,7 @@ impl Qwen3Model {
     }
 
     /// The fused path over the packed tokens: no padding, so no masks; each sequence attends
-    /// causally within its own rows.
+    /// within its own rows (causally for the decoders).
     fn forward_fused(&self, packed: &PackedBatch) -> candle_core::Result<Hidden> {
         let device = self.embed_tokens.embeddings().device().clone();
         let ids = packed.packed_ids();

@@ -144,15 +144,15 @@ pub fn check_image_files(model: &TextEmbedder, cases: &[Value], side: usize, str
     }
 }
 
-/// A decoder fixture (`cases`: text, token count, last-token vector, each run alone by the
-/// reference) embedded in one padded batch: every count equal, every vector at cosine >= 0.9999.
-pub fn check_last_token_vectors(fixture_file: &str, model_name: &str, dimensions: usize) {
-    check_last_token_vectors_in(fixture_file, model_name, dimensions, Precision::F32, 0.9999);
+/// A fixture of `cases` (text, token count, the reference's vector as the model pools it, each
+/// run alone) embedded in one batch: every count equal, every vector at cosine >= 0.9999.
+pub fn check_case_vectors(fixture_file: &str, model_name: &str, dimensions: usize) {
+    check_case_vectors_in(fixture_file, model_name, dimensions, Precision::F32, 0.9999);
 }
 
-/// [`check_last_token_vectors`] in `precision`, at cosine >= `floor` (nothing to check for bf16
+/// [`check_case_vectors`] in `precision`, at cosine >= `floor` (nothing to check for bf16
 /// on a CPU without it).
-pub fn check_last_token_vectors_in(
+pub fn check_case_vectors_in(
     fixture_file: &str,
     model_name: &str,
     dimensions: usize,
