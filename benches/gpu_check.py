@@ -57,6 +57,8 @@ FAMILIES = {
     "tiny-qwen2-code": ["embed"],
     "tiny-qwen3": ["embed"],
     "tiny-eurobert": ["embed"],
+    "tiny-jina-v5-small": ["embed", "tasks"],
+    "tiny-jina-v5-nano": ["embed", "tasks"],
     "tiny-t5-relu": ["embed"],
     "tiny-t5-gated": ["embed"],
     "tiny-clip": ["embed", "images"],

@@ -541,6 +541,65 @@ fn a_eurobert_encoder_over_http() {
     assert_eq!(resp["detail"][0]["loc"], json!(["body", "input", 0]));
 }
 
+/// jina-embeddings-v5-text's layout over HTTP (tiny Qwen3 and EuroBERT bases, PEFT adapters
+/// under `adapters/`): each task's vectors match PEFT's, concurrent requests of different tasks
+/// share batches, no task is a passage, an unknown task is a 422 naming `task`.
+#[test]
+fn jina_embeddings_v5_tasks_over_http() {
+    let spec = |name: &str| {
+        let dir = workspace().join("tests/fixtures/models").join(name);
+        format!("{name}={}", dir.display())
+    };
+    let (small, nano) = ("tiny-jina-v5-small", "tiny-jina-v5-nano");
+    let server = Server::start(&["--model", &spec(small), "--model", &spec(nano)]);
+    let path = workspace().join("tests/fixtures/jina_v5.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for (model, key) in [(small, "small"), (nano, "nano")] {
+        let cases = fixture[key].as_array().unwrap();
+        let responses: Vec<(Value, Value)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = cases
+                .chunks(4)
+                .map(|group| {
+                    let server = &server;
+                    scope.spawn(move || {
+                        let texts: Vec<&str> =
+                            group.iter().map(|c| c["text"].as_str().unwrap()).collect();
+                        let body =
+                            json!({"model": model, "input": texts, "task": group[0]["task"]});
+                        let (status, resp) = server.post("/v1/embeddings", &body);
+                        assert_eq!(status, 200, "{body} -> {resp}");
+                        (body, resp)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for ((body, resp), group) in responses.iter().zip(cases.chunks(4)) {
+            let got = vectors(resp);
+            assert_eq!(got.len(), group.len(), "{body} -> {resp}");
+            for (v, case) in got.iter().zip(group) {
+                let c = cosine(v, &floats(&case["vector"]));
+                assert!(c >= 0.9999, "{model} {}: cosine {c}", case["task"]);
+            }
+        }
+        let body = |task: Option<&str>| {
+            let mut b = json!({"model": model, "input": ["capital of France"], "dimensions": 32});
+            if let Some(task) = task {
+                b["task"] = json!(task);
+            }
+            b
+        };
+        let (status, passage) = server.post("/v1/embeddings", &body(Some("retrieval.passage")));
+        assert_eq!(status, 200, "{passage}");
+        let (_, default) = server.post("/v1/embeddings", &body(None));
+        assert_eq!(vectors(&default), vectors(&passage));
+        assert_eq!(vectors(&passage)[0].len(), 32);
+        let (status, resp) = server.post("/v1/embeddings", &body(Some("nl2code.query")));
+        assert_eq!(status, 422, "{resp}");
+        assert_eq!(resp["detail"][0]["loc"], json!(["body", "task"]));
+    }
+}
+
 /// `--max-request-tokens` bounds one request's model time: past it, a 422 naming `input`, for
 /// plain and late-chunked requests alike; within it, served.
 #[test]

@@ -29,8 +29,9 @@ pub struct LoadedBackbone {
 impl Checkpoint {
     /// Resolves the files (`extra` names optional ones to look for) and reads the config.
     pub fn open(source: &ModelSource, extra: &[&str]) -> Result<Self> {
-        let dir = ModelDir::resolve(source, extra)?;
+        let mut dir = ModelDir::resolve(source, extra)?;
         let config = ArchitectureConfig::read(&dir)?;
+        dir.fetch_extra(&config.extra_files())?;
         Ok(Self { dir, config })
     }
 

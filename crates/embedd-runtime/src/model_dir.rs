@@ -168,34 +168,7 @@ impl ModelDir {
 
     /// [`Self::resolve`], with a progress bar on the terminal for each file it downloads.
     pub fn resolve_showing(source: &ModelSource, extra: &[&str], progress: bool) -> Result<Self> {
-        let files: Box<dyn FileSource> = match source {
-            ModelSource::Local(dir) => {
-                if !dir.is_dir() {
-                    return Err(RuntimeError::ModelFile {
-                        path: dir.clone(),
-                        reason: "not a directory".into(),
-                    });
-                }
-                Box::new(LocalFiles(dir.clone()))
-            }
-            ModelSource::Hub { repo, revision } => {
-                let repo = match revision {
-                    Some(r) => hf_hub::Repo::with_revision(
-                        repo.clone(),
-                        hf_hub::RepoType::Model,
-                        r.clone(),
-                    ),
-                    None => hf_hub::Repo::model(repo.clone()),
-                };
-                let offline = std::env::var("HF_HUB_OFFLINE")
-                    .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
-                Box::new(HubFiles {
-                    repo,
-                    offline,
-                    progress,
-                })
-            }
-        };
+        let files = file_source(source, progress)?;
         let required = |name: &str| -> Result<PathBuf> {
             files.fetch(name)?.ok_or_else(|| RuntimeError::ModelFile {
                 path: PathBuf::from(files.describe()).join(name),
@@ -257,12 +230,55 @@ impl ModelDir {
         read_json(&self.config)
     }
 
+    /// Looks for more optional files once the config has said which (a model's task adapters).
+    pub fn fetch_extra(&mut self, names: &[String]) -> Result<()> {
+        let files = file_source(&self.source, false)?;
+        for name in names {
+            if self.extra_file(name).is_none() {
+                if let Some(p) = files.fetch(name)? {
+                    self.extra.push((name.clone(), p));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn extra_file(&self, name: &str) -> Option<&Path> {
         self.extra
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, p)| p.as_path())
     }
+}
+
+/// Where `source`'s files come from.
+fn file_source(source: &ModelSource, progress: bool) -> Result<Box<dyn FileSource>> {
+    Ok(match source {
+        ModelSource::Local(dir) => {
+            if !dir.is_dir() {
+                return Err(RuntimeError::ModelFile {
+                    path: dir.clone(),
+                    reason: "not a directory".into(),
+                });
+            }
+            Box::new(LocalFiles(dir.clone()))
+        }
+        ModelSource::Hub { repo, revision } => {
+            let repo = match revision {
+                Some(r) => {
+                    hf_hub::Repo::with_revision(repo.clone(), hf_hub::RepoType::Model, r.clone())
+                }
+                None => hf_hub::Repo::model(repo.clone()),
+            };
+            let offline = std::env::var("HF_HUB_OFFLINE")
+                .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
+            Box::new(HubFiles {
+                repo,
+                offline,
+                progress,
+            })
+        }
+    })
 }
 
 /// The shards a safetensors index names, each fetched once, in first-mention order.

@@ -194,6 +194,26 @@ mod tests {
     }
 
     #[test]
+    fn jina_embeddings_v5_entries_match_its_layout() {
+        let c = Catalog::load(None).unwrap();
+        for (name, fixture) in [
+            ("jina-embeddings-v5-text-small", "tiny-jina-v5-small"),
+            ("jina-embeddings-v5-text-nano", "tiny-jina-v5-nano"),
+        ] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/models")
+                .join(fixture);
+            let found = embedd_runtime::checkpoint::Checkpoint::open(&ModelSource::Local(dir), &[])
+                .unwrap()
+                .config
+                .family();
+            let entry = c.get(name).unwrap();
+            assert_eq!(entry.architecture, found, "{name}");
+            assert_eq!(entry.kind, ModelKind::Embedding, "{name}");
+        }
+    }
+
+    #[test]
     fn an_unknown_kind_or_architecture_is_refused_naming_it() {
         let entry = |kind: &str, arch: &str| {
             format!("[[model]]\nname = \"m\"\nkind = \"{kind}\"\narchitecture = \"{arch}\"\nhub = \"o/m\"\n")

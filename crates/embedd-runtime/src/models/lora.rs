@@ -48,6 +48,11 @@ impl LinearLora {
         })
     }
 
+    /// Adapters already stacked: `a` `[tasks, rank, in]`, `b_t` `[tasks, rank, out]`.
+    pub fn from_stacked(a: Tensor, b_t: Tensor, scaling: f64) -> Self {
+        Self { a, b_t, scaling }
+    }
+
     /// Adds each row's update to `out` (`[batch, seq, out]`) for `x` (`[batch, seq, in]`).
     pub fn add(
         &self,

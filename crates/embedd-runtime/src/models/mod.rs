@@ -14,6 +14,7 @@ pub mod eva;
 mod executors;
 pub mod jina_clip;
 pub mod lora;
+pub mod peft;
 pub mod qwen;
 pub mod t5;
 mod vision;
@@ -66,6 +67,10 @@ pub trait FamilyConfig: std::fmt::Debug + Send + Sync {
     fn task_adapters(&self) -> TaskAdapters {
         TaskAdapters::default()
     }
+    /// Files beside the weights the family reads (task adapters), by relative name.
+    fn extra_files(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The pooling the architecture implies, where it implies one (CLIP: the end-of-text
     /// token); the model's sentence-transformers files and the catalog override it.
     fn default_pooling(&self) -> Option<Pooling> {
@@ -100,7 +105,10 @@ pub const FAMILIES: &[(&[&str], ReadConfig)] = &[
     (&["t5"], t5::read_config),
     (&["clip"], clip::read_config),
     (&["jina_clip"], jina_clip::read_config),
-    (&["qwen3", "qwen2", "eurobert"], qwen::read_config),
+    (
+        &["qwen3", "qwen2", "eurobert", "jina_embeddings_v5"],
+        qwen::read_config,
+    ),
 ];
 
 /// A checkpoint's architecture, from `config.json`, resolved once at load.
@@ -127,6 +135,9 @@ pub enum Family {
     /// EuroBERT (jina-embeddings-v5-text-nano's base): the Llama block, attending both ways.
     #[serde(rename = "eurobert")]
     EuroBert,
+    /// jina-embeddings-v5-text (small: Qwen3, nano: EuroBERT) with its PEFT task adapters.
+    #[serde(rename = "jina-embeddings-v5")]
+    JinaEmbeddingsV5,
 }
 
 impl Family {
@@ -143,6 +154,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::EuroBert => "eurobert",
+            Family::JinaEmbeddingsV5 => "jina-embeddings-v5",
         }
     }
 }
@@ -291,6 +303,10 @@ impl ArchitectureConfig {
         self.0.task_adapters()
     }
 
+    pub fn extra_files(&self) -> Vec<String> {
+        self.0.extra_files()
+    }
+
     pub fn default_pooling(&self) -> Option<Pooling> {
         self.0.default_pooling()
     }
@@ -324,6 +340,8 @@ pub struct Weights {
     pub vb: VarBuilder<'static>,
     /// What errors name: the weights file, or a sharded checkpoint's index.
     path: PathBuf,
+    /// The model directory's extra files by relative name (task adapters' files among them).
+    pub extra: Vec<(String, PathBuf)>,
 }
 
 impl Weights {
@@ -337,7 +355,20 @@ impl Weights {
         Ok(Self {
             vb,
             path: dir.weights.clone(),
+            extra: dir.extra.clone(),
         })
+    }
+
+    /// The weights file, or a sharded checkpoint's index.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn extra_file(&self, name: &str) -> Option<&std::path::Path> {
+        self.extra
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.as_path())
     }
 
     /// A weights/config mismatch, named by file.

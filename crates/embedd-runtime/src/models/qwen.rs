@@ -11,10 +11,16 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::{Backbone, Dense, Family, FamilyConfig, Weights};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::lora::{AdapterSpan, LinearLora};
+use super::peft::{adapter_files, PeftAdapter, PeftAdapters};
+use super::{Backbone, Dense, Family, FamilyConfig, TaskAdapters, Weights};
 use crate::activation::Activation;
 use crate::batch::{Hidden, PackedBatch};
-use crate::error::Result;
+use crate::error::{Result, RuntimeError};
 use crate::heads::Pooling;
 use crate::kernels::{self, AttentionProducts, AttentionShape, HostSlice, RotaryTable};
 use crate::plan::{ExecutionPlan, FusedProducts};
@@ -81,6 +87,12 @@ pub struct Qwen3Config {
     /// Llama's (EuroBERT's) biased feed-forward; not served.
     #[serde(default)]
     pub mlp_bias: bool,
+    /// jina-embeddings-v5-text: the PEFT adapters under `adapters/<name>/`.
+    #[serde(default)]
+    pub task_names: Option<Vec<String>>,
+    /// From `model_type: jina_embeddings_v5`: the base model with its task adapters.
+    #[serde(skip)]
+    pub jina_v5: bool,
 }
 
 impl Qwen3Config {
@@ -104,11 +116,24 @@ pub(super) fn read_config(
 ) -> std::result::Result<Box<dyn FamilyConfig>, (String, String)> {
     let mut config: Qwen3Config = serde_json::from_value(raw.clone())
         .map_err(|e| ("(qwen config)".to_string(), e.to_string()))?;
-    config.generation = match raw.get("model_type").and_then(serde_json::Value::as_str) {
+    let model_type = raw.get("model_type").and_then(serde_json::Value::as_str);
+    // jina-embeddings-v5-text's config is its base model's under another model_type: Qwen3's
+    // (small) or EuroBERT's (nano), which alone has the masked-LM fields.
+    let eurobert_fields =
+        raw.get("mask_token_id").is_some() || raw.get("classifier_pooling").is_some();
+    config.generation = match model_type {
         Some("qwen2") => QwenGeneration::Qwen2,
         Some("eurobert") => QwenGeneration::EuroBert,
+        Some("jina_embeddings_v5") if eurobert_fields => QwenGeneration::EuroBert,
         _ => QwenGeneration::Qwen3,
     };
+    config.jina_v5 = model_type == Some("jina_embeddings_v5");
+    if config.jina_v5 && config.task_names.as_ref().is_none_or(Vec::is_empty) {
+        return Err((
+            "task_names".into(),
+            "jina-embeddings-v5 names its task adapters here".into(),
+        ));
+    }
     let refuse = |field: &str, reason: String| Err((field.to_string(), reason));
     if config.num_key_value_heads == 0
         || !config
@@ -170,8 +195,92 @@ pub(super) fn read_config(
     Ok(Box::new(config))
 }
 
+/// The prompts jina-embeddings-v5's modeling code puts first: queries', and everything else's.
+const V5_QUERY_PROMPT: &str = "Query: ";
+const V5_DOCUMENT_PROMPT: &str = "Document: ";
+
+impl Qwen3Config {
+    /// jina-embeddings-v5's served tasks in adapter-stack order: (API task, adapter, prompt).
+    /// Its `retrieval` adapter serves `retrieval.query` and `retrieval.passage`; `clustering` is
+    /// the API's `separation`, as it is for jina-embeddings-v3.
+    fn v5_tasks(&self) -> Vec<(String, String, &'static str)> {
+        let mut tasks = Vec::new();
+        for name in self.task_names.iter().flatten() {
+            match name.as_str() {
+                "retrieval" => {
+                    for (task, prompt) in [
+                        ("retrieval.query", V5_QUERY_PROMPT),
+                        ("retrieval.passage", V5_DOCUMENT_PROMPT),
+                    ] {
+                        tasks.push((task.to_string(), name.clone(), prompt));
+                    }
+                }
+                "clustering" => tasks.push(("separation".into(), name.clone(), V5_DOCUMENT_PROMPT)),
+                _ => tasks.push((name.clone(), name.clone(), V5_DOCUMENT_PROMPT)),
+            }
+        }
+        tasks
+    }
+
+    /// Whether `module` is a projection of this model's blocks (what an adapter may target).
+    fn has_projection(&self, module: &str) -> bool {
+        let Some(rest) = module.strip_prefix("layers.") else {
+            return false;
+        };
+        let Some((layer, name)) = rest.split_once('.') else {
+            return false;
+        };
+        layer
+            .parse::<usize>()
+            .is_ok_and(|i| i < self.num_hidden_layers)
+            && matches!(
+                name,
+                "self_attn.q_proj"
+                    | "self_attn.k_proj"
+                    | "self_attn.v_proj"
+                    | "self_attn.o_proj"
+                    | "mlp.gate_proj"
+                    | "mlp.up_proj"
+                    | "mlp.down_proj"
+            )
+    }
+
+    /// The served tasks' adapters, read from the model directory's `adapters/`.
+    fn open_adapters(&self, weights: &Weights) -> Result<PeftAdapters> {
+        let mut opened: BTreeMap<String, Arc<PeftAdapter>> = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for (_, adapter, _) in self.v5_tasks() {
+            if let Some(open) = opened.get(&adapter) {
+                tasks.push(open.clone());
+                continue;
+            }
+            let [config, tensors] = adapter_files(&adapter);
+            let path = |name: &str| {
+                weights
+                    .extra_file(name)
+                    .map(Path::to_path_buf)
+                    .ok_or_else(|| RuntimeError::ModelFile {
+                        path: PathBuf::from(name),
+                        reason: format!(
+                            "task adapter '{adapter}' (config.json task_names) is missing"
+                        ),
+                    })
+            };
+            let open = Arc::new(PeftAdapter::open(&path(&config)?, &path(&tensors)?, |m| {
+                self.has_projection(m)
+            })?);
+            opened.insert(adapter, open.clone());
+            tasks.push(open);
+        }
+        Ok(PeftAdapters::new(tasks, weights.path().to_path_buf()))
+    }
+}
+
 impl FamilyConfig for Qwen3Config {
     fn family(&self) -> Family {
+        if self.jina_v5 {
+            return Family::JinaEmbeddingsV5;
+        }
         match self.generation {
             QwenGeneration::Qwen2 => Family::Qwen2,
             QwenGeneration::Qwen3 => Family::Qwen3,
@@ -188,11 +297,42 @@ impl FamilyConfig for Qwen3Config {
     }
 
     /// A decoder's last token has seen the whole input; an encoder's tokens all have.
+    /// jina-embeddings-v5 takes the last token on either base.
     fn default_pooling(&self) -> Option<Pooling> {
-        Some(match self.generation.causal() {
+        Some(match self.generation.causal() || self.jina_v5 {
             true => Pooling::LastToken,
             false => Pooling::Mean,
         })
+    }
+
+    fn task_adapters(&self) -> TaskAdapters {
+        if !self.jina_v5 {
+            return TaskAdapters::default();
+        }
+        let tasks = self.v5_tasks();
+        let default_task = tasks
+            .iter()
+            .map(|(task, _, _)| task)
+            .find(|t| *t == "retrieval.passage")
+            .or(tasks.first().map(|(task, _, _)| task))
+            .cloned();
+        TaskAdapters {
+            names: tasks.iter().map(|(task, _, _)| task.clone()).collect(),
+            instructions: tasks
+                .iter()
+                .map(|(task, _, prompt)| (task.clone(), prompt.to_string()))
+                .collect(),
+            pinned: None,
+            default_task,
+        }
+    }
+
+    fn extra_files(&self) -> Vec<String> {
+        self.task_names
+            .iter()
+            .flatten()
+            .flat_map(|name| adapter_files(name))
+            .collect()
     }
 
     fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
@@ -202,7 +342,20 @@ impl FamilyConfig for Qwen3Config {
         } else {
             weights.vb.clone()
         };
-        let model = Qwen3Model::load(vb, self, plan.fused()).map_err(|e| weights.mismatch(e))?;
+        let fused = plan.fused();
+        let adapters = match self.jina_v5 {
+            true => Some(self.open_adapters(weights)?),
+            false => None,
+        };
+        // The fused kernels read float32 host tensors; the graph reads the weights' own format.
+        let (dtype, device) = match fused {
+            Some(_) => (DType::F32, Device::Cpu),
+            None => (plan.storage, plan.device.clone()),
+        };
+        let loras = (0..self.num_hidden_layers)
+            .map(|i| LayerLoras::build(adapters.as_ref(), self, i, dtype, &device))
+            .collect::<Result<Vec<_>>>()?;
+        let model = Qwen3Model::load(vb, self, fused, loras).map_err(|e| weights.mismatch(e))?;
         Ok(Box::new(model))
     }
 }
@@ -264,6 +417,57 @@ impl RmsWeight {
     }
 }
 
+/// One block's task adapters, per product (jina-embeddings-v5; none elsewhere).
+#[derive(Default)]
+struct LayerLoras {
+    qkv: Option<LinearLora>,
+    o: Option<LinearLora>,
+    gate_up: Option<LinearLora>,
+    down: Option<LinearLora>,
+}
+
+impl LayerLoras {
+    fn build(
+        adapters: Option<&PeftAdapters>,
+        c: &Qwen3Config,
+        layer: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let Some(set) = adapters else {
+            return Ok(Self::default());
+        };
+        let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (q_out, kv_out) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let name = |m: &str| format!("layers.{layer}.{m}");
+        let (q, k, v, o) = (
+            name("self_attn.q_proj"),
+            name("self_attn.k_proj"),
+            name("self_attn.v_proj"),
+            name("self_attn.o_proj"),
+        );
+        let (gate, up, down) = (
+            name("mlp.gate_proj"),
+            name("mlp.up_proj"),
+            name("mlp.down_proj"),
+        );
+        Ok(Self {
+            qkv: set.linear(&[(&q, q_out), (&k, kv_out), (&v, kv_out)], h, dtype, device)?,
+            o: set.linear(&[(&o, h)], q_out, dtype, device)?,
+            gate_up: set.linear(&[(&gate, i), (&up, i)], h, dtype, device)?,
+            down: set.linear(&[(&down, h)], i, dtype, device)?,
+        })
+    }
+}
+
+/// A product with its task adapters, when it has them.
+fn adapted(dense: Dense, lora: Option<LinearLora>) -> Dense {
+    match lora {
+        Some(lora) => dense.with_lora(lora),
+        None => dense,
+    }
+}
+
 struct Qwen3Attention {
     /// The query, key and value projections as one product giving [q | k | v].
     qkv: Dense,
@@ -283,6 +487,8 @@ impl Qwen3Attention {
         vb: VarBuilder,
         c: &Qwen3Config,
         fused: Option<FusedProducts>,
+        qkv_lora: Option<LinearLora>,
+        o_lora: Option<LinearLora>,
     ) -> candle_core::Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim());
         let (q_out, kv_out) = (c.num_attention_heads * d, c.num_key_value_heads * d);
@@ -310,11 +516,14 @@ impl Qwen3Attention {
             bias.map(|b| Tensor::cat(&b, 0)).transpose()?,
         );
         Ok(Self {
-            qkv: Dense::load(qkv, fused)?,
-            o: Dense::load(
-                candle_nn::linear_b(q_out, h, o_bias, vb.pp("o_proj"))?,
-                fused,
-            )?,
+            qkv: adapted(Dense::load(qkv, fused)?, qkv_lora),
+            o: adapted(
+                Dense::load(
+                    candle_nn::linear_b(q_out, h, o_bias, vb.pp("o_proj"))?,
+                    fused,
+                )?,
+                o_lora,
+            ),
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             causal: c.generation.causal(),
@@ -338,10 +547,11 @@ impl Qwen3Attention {
         x: &Tensor,
         bias: &Tensor,
         rope: &(Tensor, Tensor),
+        adapters: &[Option<usize>],
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let d = self.head_dim;
-        let qkv = self.qkv.forward(x)?;
+        let qkv = self.qkv.forward_adapted(x, adapters)?;
         // `[b, heads, len, head_dim]`, each head's query and key RMS-normalized first.
         let split =
             |first: usize, heads: usize, norm: Option<&RmsWeight>| -> candle_core::Result<Tensor> {
@@ -376,7 +586,7 @@ impl Qwen3Attention {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, l, self.heads * d))?;
-        self.o.forward(&context)
+        self.o.forward_adapted(&context, adapters)
     }
 
     /// The fused path over packed rows: the output projection's product, its bias (if any)
@@ -387,11 +597,12 @@ impl Qwen3Attention {
         offsets: &[usize],
         keys: &[usize],
         table: &RotaryTable,
+        spans: &[AdapterSpan],
     ) -> candle_core::Result<Vec<f32>> {
         let rows = offsets.last().copied().unwrap_or(0);
         let d = self.head_dim;
         let width = (self.heads + 2 * self.kv_heads) * d;
-        let mut qkv = self.qkv.forward_host(x, rows)?;
+        let mut qkv = self.qkv.forward_host_adapted(x, rows, spans)?;
         kernels::bias_activation(&mut qkv, width, self.qkv.host_bias()?.as_deref(), None);
         let norms = [
             (0, self.heads, &self.q_norm),
@@ -420,7 +631,7 @@ impl Qwen3Attention {
         };
         let context = kernels::attention(&qkv, offsets, keys, shape, None, self.products);
         drop(qkv);
-        self.o.forward_host(&context, rows)
+        self.o.forward_host_adapted(&context, rows, spans)
     }
 }
 
@@ -436,6 +647,8 @@ impl Qwen3Mlp {
         vb: VarBuilder,
         c: &Qwen3Config,
         fused: Option<FusedProducts>,
+        gate_up_lora: Option<LinearLora>,
+        down_lora: Option<LinearLora>,
     ) -> candle_core::Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let weight = Tensor::cat(
@@ -446,24 +659,32 @@ impl Qwen3Mlp {
             0,
         )?;
         Ok(Self {
-            gate_up: Dense::load(Linear::new(weight, None), fused)?,
+            gate_up: adapted(Dense::load(Linear::new(weight, None), fused)?, gate_up_lora),
             hidden: i,
-            down: Dense::load(candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?, fused)?,
+            down: adapted(
+                Dense::load(candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?, fused)?,
+                down_lora,
+            ),
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let both = self.gate_up.forward(x)?;
+    fn forward(&self, x: &Tensor, adapters: &[Option<usize>]) -> candle_core::Result<Tensor> {
+        let both = self.gate_up.forward_adapted(x, adapters)?;
         let gate = candle_nn::ops::silu(&both.narrow(D::Minus1, 0, self.hidden)?)?;
-        self.down
-            .forward(&(gate * both.narrow(D::Minus1, self.hidden, self.hidden)?)?)
+        let inner = (gate * both.narrow(D::Minus1, self.hidden, self.hidden)?)?;
+        self.down.forward_adapted(&inner, adapters)
     }
 
-    fn forward_fused(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
-        let both = self.gate_up.forward_host(x, rows)?;
+    fn forward_fused(
+        &self,
+        x: &[f32],
+        rows: usize,
+        spans: &[AdapterSpan],
+    ) -> candle_core::Result<Vec<f32>> {
+        let both = self.gate_up.forward_host_adapted(x, rows, spans)?;
         let inner = kernels::gated_activation(&both, self.hidden, Activation::Silu, true);
         drop(both);
-        self.down.forward_host(&inner, rows)
+        self.down.forward_host_adapted(&inner, rows, spans)
     }
 }
 
@@ -480,13 +701,20 @@ impl Qwen3Layer {
         vb: VarBuilder,
         c: &Qwen3Config,
         fused: Option<FusedProducts>,
+        loras: LayerLoras,
     ) -> candle_core::Result<Self> {
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let LayerLoras {
+            qkv,
+            o,
+            gate_up,
+            down,
+        } = loras;
         Ok(Self {
             input_norm: RmsWeight::load(vb.pp("input_layernorm"), h, eps)?,
-            attention: Qwen3Attention::load(vb.pp("self_attn"), c, fused)?,
+            attention: Qwen3Attention::load(vb.pp("self_attn"), c, fused, qkv, o)?,
             post_attention_norm: RmsWeight::load(vb.pp("post_attention_layernorm"), h, eps)?,
-            mlp: Qwen3Mlp::load(vb.pp("mlp"), c, fused)?,
+            mlp: Qwen3Mlp::load(vb.pp("mlp"), c, fused, gate_up, down)?,
         })
     }
 
@@ -495,11 +723,12 @@ impl Qwen3Layer {
         x: &Tensor,
         bias: &Tensor,
         rope: &(Tensor, Tensor),
+        adapters: &[Option<usize>],
     ) -> candle_core::Result<Tensor> {
-        let x = (x + self
-            .attention
-            .forward(&self.input_norm.forward(x)?, bias, rope)?)?;
-        &x + self.mlp.forward(&self.post_attention_norm.forward(&x)?)?
+        let normed = self.input_norm.forward(x)?;
+        let x = (x + self.attention.forward(&normed, bias, rope, adapters)?)?;
+        let normed = self.post_attention_norm.forward(&x)?;
+        &x + self.mlp.forward(&normed, adapters)?
     }
 
     /// The fused path, `x` (`rows x hidden`) updated in place.
@@ -509,13 +738,14 @@ impl Qwen3Layer {
         offsets: &[usize],
         keys: &[usize],
         table: &RotaryTable,
+        spans: &[AdapterSpan],
     ) -> candle_core::Result<()> {
         let rows = offsets.last().copied().unwrap_or(0);
         let norm = &self.input_norm;
         let normed = kernels::rms_norm(x, &norm.host()?, norm.eps as f32);
         let attended = self
             .attention
-            .forward_fused(&normed, offsets, keys, table)?;
+            .forward_fused(&normed, offsets, keys, table, spans)?;
         drop(normed);
         let norm = &self.post_attention_norm;
         let o_bias = self.attention.o.host_bias()?;
@@ -527,7 +757,7 @@ impl Qwen3Layer {
             norm.eps as f32,
         );
         drop(attended);
-        let out = self.mlp.forward_fused(&normed, rows)?;
+        let out = self.mlp.forward_fused(&normed, rows, spans)?;
         kernels::residual_add(x, &out, None);
         Ok(())
     }
@@ -546,15 +776,19 @@ pub struct Qwen3Model {
 }
 
 impl Qwen3Model {
+    /// `loras`: each block's task adapters, in block order.
     fn load(
         vb: VarBuilder,
         c: &Qwen3Config,
         fused: Option<FusedProducts>,
+        loras: Vec<LayerLoras>,
     ) -> candle_core::Result<Self> {
         Ok(Self {
             embed_tokens: candle_nn::embedding(c.vocab_size, c.hidden_size, vb.pp("embed_tokens"))?,
-            layers: (0..c.num_hidden_layers)
-                .map(|i| Qwen3Layer::load(vb.pp(format!("layers.{i}")), c, fused))
+            layers: loras
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| Qwen3Layer::load(vb.pp(format!("layers.{i}")), c, fused, l))
                 .collect::<candle_core::Result<_>>()?,
             norm: RmsWeight::load(vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
             hidden_size: c.hidden_size,
@@ -579,7 +813,7 @@ impl Qwen3Model {
         }
         let rope = rotary(l, self.head_dim, self.theta, dtype, &device)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &bias, &rope)?;
+            x = layer.forward(&x, &bias, &rope, &batch.adapters)?;
         }
         Hidden::from_padded(&self.norm.forward(&x)?, packed)
     }
@@ -597,8 +831,9 @@ impl Qwen3Model {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let table = RotaryTable::new(self.head_dim, self.theta, packed.max_len());
+        let spans = packed.adapter_spans();
         for layer in &self.layers {
-            layer.forward_fused(&mut x, &packed.offsets, &packed.attended, &table)?;
+            layer.forward_fused(&mut x, &packed.offsets, &packed.attended, &table, &spans)?;
         }
         let gamma = self.norm.host()?;
         kernels::rms_norm_columns(&mut x, self.hidden_size, 0, 1, &gamma, self.norm.eps as f32);
