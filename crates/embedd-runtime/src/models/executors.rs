@@ -16,8 +16,9 @@ fn fixture(name: &str) -> (ModelDir, ArchitectureConfig) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models")
         .join(name);
-    let dir = ModelDir::resolve(&ModelSource::Local(path), &[]).unwrap();
+    let mut dir = ModelDir::resolve(&ModelSource::Local(path), &[]).unwrap();
     let config = ArchitectureConfig::read(&dir).unwrap();
+    dir.fetch_extra(&config.extra_files()).unwrap();
     (dir, config)
 }
 
@@ -92,6 +93,16 @@ fn image_towers_agree_across_executors() {
 /// `name`'s backbone under every plan of [`plans`] gives the graph's token vectors for the
 /// sequences `ids`, batched together.
 fn backbone_agrees_across_executors(name: &str, ids: Vec<Vec<u32>>) {
+    let adapters = vec![None; ids.len()];
+    adapted_backbone_agrees_across_executors(name, ids, adapters);
+}
+
+/// [`backbone_agrees_across_executors`] with each sequence's task adapter.
+fn adapted_backbone_agrees_across_executors(
+    name: &str,
+    ids: Vec<Vec<u32>>,
+    adapters: Vec<Option<usize>>,
+) {
     let (dir, config) = fixture(name);
     let sequences: Vec<TokenSequence> = ids
         .into_iter()
@@ -100,7 +111,7 @@ fn backbone_agrees_across_executors(name: &str, ids: Vec<Vec<u32>>) {
             ids,
         })
         .collect();
-    let batch = PackedBatch::new(sequences.iter().collect(), 0);
+    let batch = PackedBatch::new(sequences.iter().collect(), 0).with_adapters(adapters);
     let mut reference: Option<Vec<Vec<f32>>> = None;
     for (plan_name, plan) in plans() {
         let weights = Weights::open(&dir, &plan).unwrap();
@@ -140,5 +151,18 @@ fn decoders_agree_across_executors() {
             vec![42],
         ];
         backbone_agrees_across_executors(name, ids);
+    }
+}
+
+/// jina-embeddings-v5's stacked task adapters (rows of four different tasks, one without any)
+/// give the graph's token vectors on the fused kernels, on both bases.
+#[test]
+fn task_adapters_agree_across_executors() {
+    for name in ["tiny-jina-v5-small", "tiny-jina-v5-nano"] {
+        let ids: Vec<Vec<u32>> = (0..5)
+            .map(|s| (0..(7 + 9 * s)).map(|i| (5 + i * 11 + s) % 240).collect())
+            .collect();
+        let adapters = vec![Some(0), Some(3), None, Some(4), Some(1)];
+        adapted_backbone_agrees_across_executors(name, ids, adapters);
     }
 }
