@@ -1,7 +1,8 @@
 //! GFLOP/s of the fused path's matrix products (`kernels::matmul` in float32, and the bfloat16
 //! kernel where the CPU has AVX-512 BF16) at the shapes of
 //! all-MiniLM-L6-v2's layers, for a short sentence (25 rows), a batch of 8 (200) and of 32 (800):
-//! where the small-batch gap to ONNX Runtime is, kernel by kernel.
+//! where the small-batch gap to ONNX Runtime is, kernel by kernel. `--shapes qwen3-0.6b`: the
+//! decoder bench's layers (hidden 1024, [q | k | v] 4096, [gate | up] 6144) at 32 x 128 rows.
 
 use std::time::Instant;
 
@@ -14,20 +15,37 @@ struct Args {
     /// Seconds per shape.
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
+    /// `minilm` (all-MiniLM-L6-v2's layers) or `qwen3-0.6b`.
+    #[arg(long, default_value = "minilm")]
+    shapes: String,
 }
 
 fn main() {
     embedd_runtime::allocator::keep_freed_buffers();
     let args = Args::parse();
     // (name, k, n): qkv, attention output, intermediate, output.
-    let layers = [
-        ("qkv", 384, 1152),
-        ("attention-out", 384, 384),
-        ("intermediate", 384, 1536),
-        ("output", 1536, 384),
-    ];
-    for m in [25, 200, 800] {
-        for (name, k, n) in layers {
+    let (layers, rows): (&[(&str, usize, usize)], &[usize]) = match args.shapes.as_str() {
+        "qwen3-0.6b" => (
+            &[
+                ("qkv", 1024, 4096),
+                ("attention-out", 2048, 1024),
+                ("gate-up", 1024, 6144),
+                ("down", 3072, 1024),
+            ],
+            &[512, 4096],
+        ),
+        _ => (
+            &[
+                ("qkv", 384, 1152),
+                ("attention-out", 384, 384),
+                ("intermediate", 384, 1536),
+                ("output", 1536, 384),
+            ],
+            &[25, 200, 800],
+        ),
+    };
+    for &m in rows {
+        for &(name, k, n) in layers {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
                 .collect();

@@ -1,6 +1,12 @@
 //! Allocator settings for inference: a forward pass allocates and frees buffers of megabytes per
 //! layer (a batch's hidden states, its products, its attention context).
 
+/// The largest buffer the allocator keeps for reuse once freed: glibc maps anything larger
+/// afresh on every allocation (it takes no threshold above 32 MiB), so a layer whose buffers
+/// pass this faults every page of them in again. Layers that can work in row chunks keep their
+/// buffers under it.
+pub const REUSED_BUFFER_BYTES: usize = 32 << 20;
+
 /// Keeps freed buffers (up to 32 MiB each, and up to 128 MiB of free memory per heap) for the
 /// next layer instead of returning them to the system. glibc's defaults map each buffer over
 /// 128 KiB afresh (or trim the heap it came from) and unmap it when freed, so the next layer
@@ -12,7 +18,7 @@ pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; these two are valid for any value.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, REUSED_BUFFER_BYTES as i32);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
 }

@@ -22,6 +22,17 @@ pub struct LoraShape {
 
 pub use crate::batch::AdapterSpan;
 
+/// The parts of `spans` inside `rows`, numbered from `rows.start`: a row chunk's adapters.
+pub fn spans_within(spans: &[AdapterSpan], rows: std::ops::Range<usize>) -> Vec<AdapterSpan> {
+    spans
+        .iter()
+        .filter_map(|(span, task)| {
+            let (start, end) = (span.start.max(rows.start), span.end.min(rows.end));
+            (start < end).then(|| ((start - rows.start)..(end - rows.start), *task))
+        })
+        .collect()
+}
+
 /// A Linear's adapters: with task `t`, `W` becomes `W + scaling · Bₜ · Aₜ`.
 pub struct LinearLora {
     /// `[tasks, rank, in]`.
@@ -265,6 +276,14 @@ mod tests {
                 "row {row}"
             );
         }
+    }
+
+    #[test]
+    fn spans_within_a_chunk_are_cut_and_renumbered() {
+        let spans = vec![(0..3, 1), (3..10, 0), (12..14, 2)];
+        assert_eq!(spans_within(&spans, 2..12), vec![(0..1, 1), (1..8, 0)]);
+        assert_eq!(spans_within(&spans, 10..12), vec![]);
+        assert_eq!(spans_within(&spans, 13..20), vec![(0..1, 2)]);
     }
 
     #[test]

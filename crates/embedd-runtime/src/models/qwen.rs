@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::lora::{AdapterSpan, LinearLora};
+use super::lora::{spans_within, AdapterSpan, LinearLora};
 use super::peft::{adapter_files, PeftAdapter, PeftAdapters};
 use super::{Backbone, Dense, Family, FamilyConfig, TaskAdapters, Weights};
 use crate::activation::Activation;
@@ -114,6 +114,10 @@ impl Qwen3Config {
 pub(super) fn read_config(
     raw: &serde_json::Value,
 ) -> std::result::Result<Box<dyn FamilyConfig>, (String, String)> {
+    parse_config(raw).map(|c| Box::new(c) as Box<dyn FamilyConfig>)
+}
+
+fn parse_config(raw: &serde_json::Value) -> std::result::Result<Qwen3Config, (String, String)> {
     let mut config: Qwen3Config = serde_json::from_value(raw.clone())
         .map_err(|e| ("(qwen config)".to_string(), e.to_string()))?;
     let model_type = raw.get("model_type").and_then(serde_json::Value::as_str);
@@ -192,7 +196,7 @@ pub(super) fn read_config(
             "sliding-window attention is not supported".into(),
         );
     }
-    Ok(Box::new(config))
+    Ok(config)
 }
 
 /// The prompts jina-embeddings-v5's modeling code puts first: queries', and everything else's.
@@ -638,6 +642,8 @@ impl Qwen3Attention {
 /// `down(silu(gate x) * up x)`, `gate` and `up` run as one product giving [gate | up].
 struct Qwen3Mlp {
     gate_up: Dense,
+    /// The model's width (the input's and the output's).
+    width: usize,
     hidden: usize,
     down: Dense,
 }
@@ -660,6 +666,7 @@ impl Qwen3Mlp {
         )?;
         Ok(Self {
             gate_up: adapted(Dense::load(Linear::new(weight, None), fused)?, gate_up_lora),
+            width: h,
             hidden: i,
             down: adapted(
                 Dense::load(candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?, fused)?,
@@ -675,16 +682,31 @@ impl Qwen3Mlp {
         self.down.forward_adapted(&inner, adapters)
     }
 
+    /// In row chunks whose [gate | up] product holds at most `chunk_floats`: a batch of 4,096
+    /// tokens at Qwen3-0.6B's width would otherwise map (and fault in) 150 MB of fresh pages
+    /// per layer for the product and the activation.
     fn forward_fused(
         &self,
         x: &[f32],
         rows: usize,
         spans: &[AdapterSpan],
+        chunk_floats: usize,
     ) -> candle_core::Result<Vec<f32>> {
-        let both = self.gate_up.forward_host_adapted(x, rows, spans)?;
-        let inner = kernels::gated_activation(&both, self.hidden, Activation::Silu, true);
-        drop(both);
-        self.down.forward_host_adapted(&inner, rows, spans)
+        let chunk = (chunk_floats / (2 * self.hidden).max(1)).max(1);
+        let mut out = Vec::with_capacity(rows * self.width);
+        for start in (0..rows).step_by(chunk) {
+            let end = rows.min(start + chunk);
+            let spans = spans_within(spans, start..end);
+            let x = &x[start * self.width..end * self.width];
+            let both = self.gate_up.forward_host_adapted(x, end - start, &spans)?;
+            let inner = kernels::gated_activation(&both, self.hidden, Activation::Silu, true);
+            drop(both);
+            out.extend(
+                self.down
+                    .forward_host_adapted(&inner, end - start, &spans)?,
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -732,6 +754,8 @@ impl Qwen3Layer {
     }
 
     /// The fused path, `x` (`rows x hidden`) updated in place.
+    /// `chunk_floats`: the most one [q | k | v] or [gate | up] product may hold (see
+    /// [`CHUNK_FLOATS`]).
     fn forward_fused(
         &self,
         x: &mut [f32],
@@ -739,13 +763,31 @@ impl Qwen3Layer {
         keys: &[usize],
         table: &RotaryTable,
         spans: &[AdapterSpan],
+        chunk_floats: usize,
     ) -> candle_core::Result<()> {
         let rows = offsets.last().copied().unwrap_or(0);
+        let width = x.len() / rows.max(1);
         let norm = &self.input_norm;
         let normed = kernels::rms_norm(x, &norm.host()?, norm.eps as f32);
-        let attended = self
-            .attention
-            .forward_fused(&normed, offsets, keys, table, spans)?;
+        // Whole sequences at a time, so the [q | k | v] product stays within `chunk_floats` (as
+        // the feed-forward's chunks do); a longer sequence goes alone.
+        let a = &self.attention;
+        let max_rows = chunk_floats / ((a.heads + 2 * a.kv_heads) * a.head_dim).max(1);
+        let mut attended = Vec::with_capacity(rows * width);
+        for group in sequence_chunks(offsets, max_rows) {
+            let (first, last) = (offsets[group.start], offsets[group.end]);
+            let local: Vec<usize> = offsets[group.start..=group.end]
+                .iter()
+                .map(|o| o - first)
+                .collect();
+            attended.extend(a.forward_fused(
+                &normed[first * width..last * width],
+                &local,
+                &keys[group],
+                table,
+                &spans_within(spans, first..last),
+            )?);
+        }
         drop(normed);
         let norm = &self.post_attention_norm;
         let o_bias = self.attention.o.host_bias()?;
@@ -757,10 +799,33 @@ impl Qwen3Layer {
             norm.eps as f32,
         );
         drop(attended);
-        let out = self.mlp.forward_fused(&normed, rows, spans)?;
+        let out = self.mlp.forward_fused(&normed, rows, spans, chunk_floats)?;
         kernels::residual_add(x, &out, None);
         Ok(())
     }
+}
+
+/// The most one layer product holds at a time on the fused path: the allocator's reuse threshold,
+/// so a large batch's buffers are reused layer after layer instead of mapped afresh.
+const CHUNK_FLOATS: usize = crate::allocator::REUSED_BUFFER_BYTES / std::mem::size_of::<f32>();
+
+/// Consecutive runs of the sequences that `offsets` (one more than the sequences) delimit, each
+/// of at most `max_rows` rows, or of one sequence where that alone is longer.
+fn sequence_chunks(offsets: &[usize], max_rows: usize) -> Vec<std::ops::Range<usize>> {
+    let sequences = offsets.len().saturating_sub(1);
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for end in 1..=sequences {
+        let fits = offsets[end] - offsets[start] <= max_rows;
+        if !fits && end - 1 > start {
+            chunks.push(start..end - 1);
+            start = end - 1;
+        }
+    }
+    if start < sequences {
+        chunks.push(start..sequences);
+    }
+    chunks
 }
 
 /// The decoder up to its final RMSNorm: one vector per token.
@@ -773,6 +838,8 @@ pub struct Qwen3Model {
     theta: f64,
     causal: bool,
     fused: Option<FusedProducts>,
+    /// [`CHUNK_FLOATS`]; smaller in tests, so the chunked path runs on tiny models.
+    chunk_floats: usize,
 }
 
 impl Qwen3Model {
@@ -796,6 +863,7 @@ impl Qwen3Model {
             theta: c.theta(),
             causal: c.generation.causal(),
             fused,
+            chunk_floats: CHUNK_FLOATS,
         })
     }
 
@@ -833,7 +901,14 @@ impl Qwen3Model {
         let table = RotaryTable::new(self.head_dim, self.theta, packed.max_len());
         let spans = packed.adapter_spans();
         for layer in &self.layers {
-            layer.forward_fused(&mut x, &packed.offsets, &packed.attended, &table, &spans)?;
+            layer.forward_fused(
+                &mut x,
+                &packed.offsets,
+                &packed.attended,
+                &table,
+                &spans,
+                self.chunk_floats,
+            )?;
         }
         let gamma = self.norm.host()?;
         kernels::rms_norm_columns(&mut x, self.hidden_size, 0, 1, &gamma, self.norm.eps as f32);
@@ -855,5 +930,84 @@ impl Backbone for Qwen3Model {
 
     fn hidden_size(&self) -> usize {
         self.hidden_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::PackedBatch;
+    use crate::model_dir::{ModelDir, ModelSource};
+    use crate::plan::ExecutionPlan;
+    use crate::tokenize::TokenSequence;
+    use crate::{DeviceSpec, Precision};
+
+    /// A fixture checkpoint's fused model, its blocks' adapters included.
+    fn fused_model(name: &str) -> Qwen3Model {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(name);
+        let mut dir = ModelDir::resolve(&ModelSource::Local(path), &[]).unwrap();
+        let raw = crate::model_dir::read_json(&dir.config).unwrap();
+        let config = parse_config(&raw).unwrap();
+        dir.fetch_extra(&config.extra_files()).unwrap();
+        let plan = ExecutionPlan::resolve(DeviceSpec::Cpu, Precision::F32).unwrap();
+        let weights = Weights::open(&dir, &plan).unwrap();
+        let adapters = config
+            .jina_v5
+            .then(|| config.open_adapters(&weights).unwrap());
+        let loras = (0..config.num_hidden_layers)
+            .map(|i| LayerLoras::build(adapters.as_ref(), &config, i, DType::F32, &Device::Cpu))
+            .collect::<Result<Vec<_>>>()
+            .unwrap();
+        let vb = match weights.vb.contains_tensor("model.embed_tokens.weight") {
+            true => weights.vb.pp("model"),
+            false => weights.vb.clone(),
+        };
+        Qwen3Model::load(vb, &config, plan.fused(), loras).unwrap()
+    }
+
+    /// Row chunks of the feed-forward and sequence chunks of attention (forced small here) give
+    /// the vectors of one pass over the whole batch, task adapters per row included.
+    #[test]
+    fn chunked_layers_give_the_whole_batchs_vectors() {
+        for name in ["tiny-qwen3", "tiny-jina-v5-small", "tiny-jina-v5-nano"] {
+            let mut model = fused_model(name);
+            let sequences: Vec<TokenSequence> = [9usize, 30, 4, 17, 12]
+                .iter()
+                .enumerate()
+                .map(|(s, len)| {
+                    let ids: Vec<u32> = (0..*len).map(|i| ((3 + 7 * i + s) % 240) as u32).collect();
+                    TokenSequence {
+                        type_ids: vec![0; ids.len()],
+                        ids,
+                    }
+                })
+                .collect();
+            let adapters = match name {
+                "tiny-qwen3" => vec![None; 5],
+                _ => vec![Some(0), Some(2), None, Some(4), Some(1)],
+            };
+            let batch = PackedBatch::new(sequences.iter().collect(), 0).with_adapters(adapters);
+            let whole = model.forward_fused(&batch).unwrap().states;
+            // 20 rows of [q | k | v] (and fewer of [gate | up]) per chunk: several of each.
+            model.chunk_floats = 20 * 192;
+            let chunked = model.forward_fused(&batch).unwrap().states;
+            let diff = (whole - chunked).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{name}");
+        }
+    }
+
+    #[test]
+    fn sequence_chunks_fill_up_to_the_row_limit() {
+        // Sequences of 3, 4, 10 and 2 rows.
+        let offsets = [0, 3, 7, 17, 19];
+        assert_eq!(sequence_chunks(&offsets, 8), vec![0..2, 2..3, 3..4]);
+        assert_eq!(sequence_chunks(&offsets, 100), vec![0..4]);
+        assert_eq!(sequence_chunks(&offsets, 1), vec![0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(
+            sequence_chunks(&[0], 8),
+            Vec::<std::ops::Range<usize>>::new()
+        );
     }
 }

@@ -16,6 +16,15 @@ pub fn fixture(file: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join(file)).unwrap()).unwrap()
 }
 
+/// The architecture family a fixture checkpoint's config.json resolves to.
+pub fn family_of(name: &str) -> embedd_runtime::Family {
+    let source = ModelSource::Local(fixtures().join("models").join(name));
+    embedd_runtime::checkpoint::Checkpoint::open(&source, &[])
+        .unwrap()
+        .config
+        .family()
+}
+
 /// A fixture model from tests/fixtures/models, in float32 on the CPU.
 pub fn model(name: &str) -> TextEmbedder {
     model_in(name, Precision::F32).unwrap()
