@@ -159,6 +159,16 @@ impl Server {
         read(self.client.get(self.url(path)).send().expect("request"))
     }
 
+    /// The `/v1/models` card of model `id`; panics when it is not listed.
+    pub fn model_card(&self, id: &str) -> Value {
+        let (_, models) = self.get("/v1/models");
+        models["data"]
+            .as_array()
+            .and_then(|cards| cards.iter().find(|c| c["id"] == id))
+            .unwrap_or_else(|| panic!("{id} is not in /v1/models: {models}"))
+            .clone()
+    }
+
     /// Embeds with `extra` fields merged into `{"model", "input"}`; panics unless 200.
     pub fn embed(&self, input: Value, extra: Value) -> Value {
         let mut body = json!({"model": MODEL, "input": input});

@@ -171,14 +171,7 @@ fn multi_vector_errors_name_the_field() {
             "{body} -> {resp}"
         );
     }
-    let (_, models) = server.get("/v1/models");
-    let card = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == COLBERT)
-        .unwrap()
-        .clone();
+    let card = server.model_card(COLBERT);
     assert_eq!(card["kind"], "multi-vector");
     assert_eq!(card["dimensions"], 16);
 }
@@ -225,13 +218,6 @@ fn jina_colbert_v2_serves_each_matryoshka_width() {
     );
     assert_eq!(status, 422, "{resp}");
     assert_eq!(first_error(&resp).0, json!(["body", "input_type"]));
-    let (_, models) = server.get("/v1/models");
-    let card = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == V2)
-        .unwrap()
-        .clone();
+    let card = server.model_card(V2);
     assert_eq!(card["dimensions"], 128);
 }

@@ -260,14 +260,7 @@ fn rerank_errors_name_the_field() {
 #[test]
 fn a_reranker_is_detected_from_its_checkpoint() {
     let server = start(&[]);
-    let (_, models) = server.get("/v1/models");
-    let card = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == RERANKER)
-        .unwrap()
-        .clone();
+    let card = server.model_card(RERANKER);
     assert_eq!(card["kind"], "reranker");
     assert_eq!(card["max_input_tokens"], 128);
 }

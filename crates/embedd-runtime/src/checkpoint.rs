@@ -29,9 +29,15 @@ pub struct LoadedBackbone {
 impl Checkpoint {
     /// Resolves the files (`extra` names optional ones to look for) and reads the config.
     pub fn open(source: &ModelSource, extra: &[&str]) -> Result<Self> {
-        let mut dir = ModelDir::resolve(source, extra)?;
+        Self::open_showing(source, extra, false)
+    }
+
+    /// [`Self::open`], with a progress bar on the terminal for each file it downloads; the
+    /// files the config names (task adapters) come with the rest.
+    pub fn open_showing(source: &ModelSource, extra: &[&str], progress: bool) -> Result<Self> {
+        let mut dir = ModelDir::resolve_showing(source, extra, progress)?;
         let config = ArchitectureConfig::read(&dir)?;
-        dir.fetch_extra(&config.extra_files())?;
+        dir.fetch_extra(&config.extra_files(), progress)?;
         Ok(Self { dir, config })
     }
 

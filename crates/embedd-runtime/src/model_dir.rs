@@ -231,8 +231,8 @@ impl ModelDir {
     }
 
     /// Looks for more optional files once the config has said which (a model's task adapters).
-    pub fn fetch_extra(&mut self, names: &[String]) -> Result<()> {
-        let files = file_source(&self.source, false)?;
+    pub fn fetch_extra(&mut self, names: &[String], progress: bool) -> Result<()> {
+        let files = file_source(&self.source, progress)?;
         for name in names {
             if self.extra_file(name).is_none() {
                 if let Some(p) = files.fetch(name)? {
@@ -244,11 +244,16 @@ impl ModelDir {
     }
 
     pub fn extra_file(&self, name: &str) -> Option<&Path> {
-        self.extra
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, p)| p.as_path())
+        find_extra(&self.extra, name)
     }
+}
+
+/// The path of extra file `name` among `extra` (relative name, path), if it was found.
+pub fn find_extra<'a>(extra: &'a [(String, PathBuf)], name: &str) -> Option<&'a Path> {
+    extra
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p.as_path())
 }
 
 /// Where `source`'s files come from.

@@ -108,10 +108,7 @@ pub fn pull(config: &Config, names: &[String]) -> anyhow::Result<()> {
             .resolve(name, &config.weights_dir)
             .map_err(anyhow::Error::from)
             .and_then(|choice| {
-                let mut dir = ModelDir::resolve_showing(&choice.source, PULLED_EXTRAS, true)?;
-                // Files the config names (task adapters) come down with the rest.
-                let config = embedd_runtime::models::ArchitectureConfig::read(&dir)?;
-                dir.fetch_extra(&config.extra_files())?;
+                let dir = Checkpoint::open_showing(&choice.source, PULLED_EXTRAS, true)?.dir;
                 Ok((choice, dir))
             });
         match fetched {

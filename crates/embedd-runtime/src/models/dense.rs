@@ -52,8 +52,9 @@ impl Dense {
         })
     }
 
-    pub fn with_lora(mut self, lora: LinearLora) -> Self {
-        self.lora = Some(lora);
+    /// The product with its task adapters, where it has any.
+    pub fn with_lora(mut self, lora: Option<LinearLora>) -> Self {
+        self.lora = lora;
         self
     }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::batch::PackedBatch;
+use crate::checkpoint::Checkpoint;
 use crate::models::{load_backbone, ArchitectureConfig, Weights};
 use crate::plan::ExecutionPlan;
 use crate::tokenize::TokenSequence;
@@ -16,10 +17,8 @@ fn fixture(name: &str) -> (ModelDir, ArchitectureConfig) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models")
         .join(name);
-    let mut dir = ModelDir::resolve(&ModelSource::Local(path), &[]).unwrap();
-    let config = ArchitectureConfig::read(&dir).unwrap();
-    dir.fetch_extra(&config.extra_files()).unwrap();
-    (dir, config)
+    let checkpoint = Checkpoint::open(&ModelSource::Local(path), &[]).unwrap();
+    (checkpoint.dir, checkpoint.config)
 }
 
 /// The plans a tower is compared under: the graph (the reference, and what GPUs run), the

@@ -365,10 +365,7 @@ impl Weights {
     }
 
     pub fn extra_file(&self, name: &str) -> Option<&std::path::Path> {
-        self.extra
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, p)| p.as_path())
+        crate::model_dir::find_extra(&self.extra, name)
     }
 
     /// A weights/config mismatch, named by file.

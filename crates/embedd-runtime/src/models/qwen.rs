@@ -340,6 +340,13 @@ impl FamilyConfig for Qwen3Config {
     }
 
     fn load(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Box<dyn Backbone>> {
+        Ok(Box::new(self.build(weights, plan)?))
+    }
+}
+
+impl Qwen3Config {
+    /// The model with its blocks' task adapters (jina-embeddings-v5), held as `plan` runs it.
+    fn build(&self, weights: &Weights, plan: &ExecutionPlan) -> Result<Qwen3Model> {
         // Saved from a *ForCausalLM the layers sit under `model.`; from *Model at the root.
         let vb = if weights.vb.contains_tensor("model.embed_tokens.weight") {
             weights.vb.pp("model")
@@ -359,8 +366,7 @@ impl FamilyConfig for Qwen3Config {
         let loras = (0..self.num_hidden_layers)
             .map(|i| LayerLoras::build(adapters.as_ref(), self, i, dtype, &device))
             .collect::<Result<Vec<_>>>()?;
-        let model = Qwen3Model::load(vb, self, fused, loras).map_err(|e| weights.mismatch(e))?;
-        Ok(Box::new(model))
+        Qwen3Model::load(vb, self, fused, loras).map_err(|e| weights.mismatch(e))
     }
 }
 
@@ -464,14 +470,6 @@ impl LayerLoras {
     }
 }
 
-/// A product with its task adapters, when it has them.
-fn adapted(dense: Dense, lora: Option<LinearLora>) -> Dense {
-    match lora {
-        Some(lora) => dense.with_lora(lora),
-        None => dense,
-    }
-}
-
 struct Qwen3Attention {
     /// The query, key and value projections as one product giving [q | k | v].
     qkv: Dense,
@@ -520,14 +518,12 @@ impl Qwen3Attention {
             bias.map(|b| Tensor::cat(&b, 0)).transpose()?,
         );
         Ok(Self {
-            qkv: adapted(Dense::load(qkv, fused)?, qkv_lora),
-            o: adapted(
-                Dense::load(
-                    candle_nn::linear_b(q_out, h, o_bias, vb.pp("o_proj"))?,
-                    fused,
-                )?,
-                o_lora,
-            ),
+            qkv: Dense::load(qkv, fused)?.with_lora(qkv_lora),
+            o: Dense::load(
+                candle_nn::linear_b(q_out, h, o_bias, vb.pp("o_proj"))?,
+                fused,
+            )?
+            .with_lora(o_lora),
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             causal: c.generation.causal(),
@@ -665,13 +661,11 @@ impl Qwen3Mlp {
             0,
         )?;
         Ok(Self {
-            gate_up: adapted(Dense::load(Linear::new(weight, None), fused)?, gate_up_lora),
+            gate_up: Dense::load(Linear::new(weight, None), fused)?.with_lora(gate_up_lora),
             width: h,
             hidden: i,
-            down: adapted(
-                Dense::load(candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?, fused)?,
-                down_lora,
-            ),
+            down: Dense::load(candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?, fused)?
+                .with_lora(down_lora),
         })
     }
 
@@ -682,29 +676,16 @@ impl Qwen3Mlp {
         self.down.forward_adapted(&inner, adapters)
     }
 
-    /// In row chunks whose [gate | up] product holds at most `chunk_floats`: a batch of 4,096
-    /// tokens at Qwen3-0.6B's width would otherwise map (and fault in) 150 MB of fresh pages
-    /// per layer for the product and the activation.
-    fn forward_fused(
-        &self,
-        x: &[f32],
-        rows: usize,
-        spans: &[AdapterSpan],
-        chunk_floats: usize,
-    ) -> candle_core::Result<Vec<f32>> {
-        let chunk = (chunk_floats / (2 * self.hidden).max(1)).max(1);
-        let mut out = Vec::with_capacity(rows * self.width);
-        for start in (0..rows).step_by(chunk) {
-            let end = rows.min(start + chunk);
-            let spans = spans_within(spans, start..end);
-            let x = &x[start * self.width..end * self.width];
-            let both = self.gate_up.forward_host_adapted(x, end - start, &spans)?;
+    /// Chunk by chunk of `chunks` (see [`BlockChunks`]).
+    fn forward_fused(&self, x: &[f32], chunks: &[RowChunk]) -> candle_core::Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(x.len());
+        for chunk in chunks {
+            let rows = chunk.rows.len();
+            let x = &x[chunk.rows.start * self.width..chunk.rows.end * self.width];
+            let both = self.gate_up.forward_host_adapted(x, rows, &chunk.spans)?;
             let inner = kernels::gated_activation(&both, self.hidden, Activation::Silu, true);
             drop(both);
-            out.extend(
-                self.down
-                    .forward_host_adapted(&inner, end - start, &spans)?,
-            );
+            out.extend(self.down.forward_host_adapted(&inner, rows, &chunk.spans)?);
         }
         Ok(out)
     }
@@ -753,39 +734,25 @@ impl Qwen3Layer {
         &x + self.mlp.forward(&normed, adapters)?
     }
 
-    /// The fused path, `x` (`rows x hidden`) updated in place.
-    /// `chunk_floats`: the most one [q | k | v] or [gate | up] product may hold (see
-    /// [`CHUNK_FLOATS`]).
+    /// The fused path, `x` (`rows x hidden`) updated in place, chunk by chunk of `chunks`.
     fn forward_fused(
         &self,
         x: &mut [f32],
-        offsets: &[usize],
         keys: &[usize],
         table: &RotaryTable,
-        spans: &[AdapterSpan],
-        chunk_floats: usize,
+        chunks: &BlockChunks,
     ) -> candle_core::Result<()> {
-        let rows = offsets.last().copied().unwrap_or(0);
-        let width = x.len() / rows.max(1);
+        let width = self.mlp.width;
         let norm = &self.input_norm;
         let normed = kernels::rms_norm(x, &norm.host()?, norm.eps as f32);
-        // Whole sequences at a time, so the [q | k | v] product stays within `chunk_floats` (as
-        // the feed-forward's chunks do); a longer sequence goes alone.
-        let a = &self.attention;
-        let max_rows = chunk_floats / ((a.heads + 2 * a.kv_heads) * a.head_dim).max(1);
-        let mut attended = Vec::with_capacity(rows * width);
-        for group in sequence_chunks(offsets, max_rows) {
-            let (first, last) = (offsets[group.start], offsets[group.end]);
-            let local: Vec<usize> = offsets[group.start..=group.end]
-                .iter()
-                .map(|o| o - first)
-                .collect();
-            attended.extend(a.forward_fused(
-                &normed[first * width..last * width],
-                &local,
-                &keys[group],
+        let mut attended = Vec::with_capacity(x.len());
+        for run in &chunks.attention {
+            attended.extend(self.attention.forward_fused(
+                &normed[run.rows.start * width..run.rows.end * width],
+                &run.offsets,
+                &keys[run.sequences.clone()],
                 table,
-                &spans_within(spans, first..last),
+                &run.spans,
             )?);
         }
         drop(normed);
@@ -799,7 +766,7 @@ impl Qwen3Layer {
             norm.eps as f32,
         );
         drop(attended);
-        let out = self.mlp.forward_fused(&normed, rows, spans, chunk_floats)?;
+        let out = self.mlp.forward_fused(&normed, &chunks.feed_forward)?;
         kernels::residual_add(x, &out, None);
         Ok(())
     }
@@ -828,6 +795,73 @@ fn sequence_chunks(offsets: &[usize], max_rows: usize) -> Vec<std::ops::Range<us
     chunks
 }
 
+/// Rows of a batch and their adapters, numbered from the chunk's first row.
+struct RowChunk {
+    rows: std::ops::Range<usize>,
+    spans: Vec<AdapterSpan>,
+}
+
+/// A run of whole sequences: its rows, which sequences, their offsets from its first row.
+struct SequenceRun {
+    rows: std::ops::Range<usize>,
+    sequences: std::ops::Range<usize>,
+    offsets: Vec<usize>,
+    spans: Vec<AdapterSpan>,
+}
+
+/// How a batch goes through every block on the fused path, worked out once per forward pass:
+/// attention in runs of whole sequences and the feed-forward in row chunks, each product at most
+/// `chunk_floats` (a longer sequence's runs alone). A 4,096-token batch at Qwen3-0.6B's width
+/// would otherwise map (and fault in) 150 MB of fresh pages per layer.
+struct BlockChunks {
+    attention: Vec<SequenceRun>,
+    feed_forward: Vec<RowChunk>,
+}
+
+impl BlockChunks {
+    /// `qkv_width` / `gate_up_width`: the floats per row of the two widest products.
+    fn new(
+        packed: &PackedBatch,
+        spans: &[AdapterSpan],
+        chunk_floats: usize,
+        qkv_width: usize,
+        gate_up_width: usize,
+    ) -> Self {
+        let offsets = &packed.offsets;
+        let attention = sequence_chunks(offsets, chunk_floats / qkv_width.max(1))
+            .into_iter()
+            .map(|sequences| {
+                let (first, last) = (offsets[sequences.start], offsets[sequences.end]);
+                SequenceRun {
+                    rows: first..last,
+                    offsets: offsets[sequences.start..=sequences.end]
+                        .iter()
+                        .map(|o| o - first)
+                        .collect(),
+                    sequences,
+                    spans: spans_within(spans, first..last),
+                }
+            })
+            .collect();
+        let rows = offsets.last().copied().unwrap_or(0);
+        let step = (chunk_floats / gate_up_width.max(1)).max(1);
+        let feed_forward = (0..rows)
+            .step_by(step)
+            .map(|start| {
+                let rows = start..rows.min(start + step);
+                RowChunk {
+                    spans: spans_within(spans, rows.clone()),
+                    rows,
+                }
+            })
+            .collect();
+        Self {
+            attention,
+            feed_forward,
+        }
+    }
+}
+
 /// The decoder up to its final RMSNorm: one vector per token.
 pub struct Qwen3Model {
     embed_tokens: Embedding,
@@ -840,6 +874,9 @@ pub struct Qwen3Model {
     fused: Option<FusedProducts>,
     /// [`CHUNK_FLOATS`]; smaller in tests, so the chunked path runs on tiny models.
     chunk_floats: usize,
+    /// Floats per row of the [q | k | v] and [gate | up] products.
+    qkv_width: usize,
+    gate_up_width: usize,
 }
 
 impl Qwen3Model {
@@ -864,6 +901,8 @@ impl Qwen3Model {
             causal: c.generation.causal(),
             fused,
             chunk_floats: CHUNK_FLOATS,
+            qkv_width: (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim(),
+            gate_up_width: 2 * c.intermediate_size,
         })
     }
 
@@ -899,16 +938,15 @@ impl Qwen3Model {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let table = RotaryTable::new(self.head_dim, self.theta, packed.max_len());
-        let spans = packed.adapter_spans();
+        let chunks = BlockChunks::new(
+            packed,
+            &packed.adapter_spans(),
+            self.chunk_floats,
+            self.qkv_width,
+            self.gate_up_width,
+        );
         for layer in &self.layers {
-            layer.forward_fused(
-                &mut x,
-                &packed.offsets,
-                &packed.attended,
-                &table,
-                &spans,
-                self.chunk_floats,
-            )?;
+            layer.forward_fused(&mut x, &packed.attended, &table, &chunks)?;
         }
         let gamma = self.norm.host()?;
         kernels::rms_norm_columns(&mut x, self.hidden_size, 0, 1, &gamma, self.norm.eps as f32);
@@ -937,7 +975,8 @@ impl Backbone for Qwen3Model {
 mod tests {
     use super::*;
     use crate::batch::PackedBatch;
-    use crate::model_dir::{ModelDir, ModelSource};
+    use crate::checkpoint::Checkpoint;
+    use crate::model_dir::ModelSource;
     use crate::plan::ExecutionPlan;
     use crate::tokenize::TokenSequence;
     use crate::{DeviceSpec, Precision};
@@ -947,24 +986,13 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/models")
             .join(name);
-        let mut dir = ModelDir::resolve(&ModelSource::Local(path), &[]).unwrap();
-        let raw = crate::model_dir::read_json(&dir.config).unwrap();
-        let config = parse_config(&raw).unwrap();
-        dir.fetch_extra(&config.extra_files()).unwrap();
+        let dir = Checkpoint::open(&ModelSource::Local(path), &[])
+            .unwrap()
+            .dir;
+        let config = parse_config(&crate::model_dir::read_json(&dir.config).unwrap()).unwrap();
         let plan = ExecutionPlan::resolve(DeviceSpec::Cpu, Precision::F32).unwrap();
         let weights = Weights::open(&dir, &plan).unwrap();
-        let adapters = config
-            .jina_v5
-            .then(|| config.open_adapters(&weights).unwrap());
-        let loras = (0..config.num_hidden_layers)
-            .map(|i| LayerLoras::build(adapters.as_ref(), &config, i, DType::F32, &Device::Cpu))
-            .collect::<Result<Vec<_>>>()
-            .unwrap();
-        let vb = match weights.vb.contains_tensor("model.embed_tokens.weight") {
-            true => weights.vb.pp("model"),
-            false => weights.vb.clone(),
-        };
-        Qwen3Model::load(vb, &config, plan.fused(), loras).unwrap()
+        config.build(&weights, &plan).unwrap()
     }
 
     /// Row chunks of the feed-forward and sequence chunks of attention (forced small here) give

@@ -52,16 +52,17 @@ pub(super) fn dense(
 ) -> candle_core::Result<Dense> {
     let weight = parametrized_weight(&vb, (out_features, in_features))?;
     let bias = vb.get(out_features, "bias")?;
-    let dense = Dense::load(Linear::new(weight, Some(bias)), fused)?;
-    Ok(match lora::adapters_of(&vb) {
-        Some(adapters) => dense.with_lora(LinearLora::load(
-            adapters,
-            lora_shape(&vb, config)?,
-            in_features,
-            out_features,
-        )?),
-        None => dense,
-    })
+    let lora = lora::adapters_of(&vb)
+        .map(|adapters| {
+            LinearLora::load(
+                adapters,
+                lora_shape(&vb, config)?,
+                in_features,
+                out_features,
+            )
+        })
+        .transpose()?;
+    Ok(Dense::load(Linear::new(weight, Some(bias)), fused)?.with_lora(lora))
 }
 
 /// A Linear without a bias.
