@@ -28,6 +28,7 @@ pub mod model_dir;
 pub mod models;
 pub mod plan;
 pub mod reranker;
+pub mod safetensors_files;
 pub mod scheduler;
 pub mod tokenize;
 

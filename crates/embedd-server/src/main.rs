@@ -40,9 +40,17 @@ async fn healthcheck(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads, so the allocator's heap limit binds them too.
     embedd_runtime::allocator::keep_freed_buffers();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         let port = std::env::var("EMBEDD_PORT")
             .ok()

@@ -392,7 +392,7 @@ pub(crate) fn split_qkv(
     Ok((part(0)?, part(1)?, part(2)?))
 }
 
-/// Tensors from safetensors files (memory-mapped; several for a sharded checkpoint) or one
+/// Tensors from safetensors files (read tensor by tensor; several for a sharded checkpoint) or one
 /// PyTorch `.bin`.
 pub fn var_builder(
     files: &[PathBuf],
@@ -403,9 +403,11 @@ pub fn var_builder(
         [single] if single.extension().is_none_or(|e| e != "safetensors") => {
             VarBuilder::from_pth(single, dtype, device)
         }
-        // SAFETY: the files are mapped read-only and embedd never writes to model files while
-        // serving.
-        _ => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) },
+        _ => Ok(VarBuilder::from_backend(
+            Box::new(crate::safetensors_files::SafetensorsFiles::open(files)?),
+            dtype,
+            device.clone(),
+        )),
     }
 }
 
