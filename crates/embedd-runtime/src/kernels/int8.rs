@@ -3,24 +3,24 @@
 //! `vpdpbusd` multiplies four unsigned bytes by four signed bytes and adds the four products to
 //! an int32 lane: four times the multiply-adds of an f32 FMA per instruction. Weights are
 //! quantized once at load per output column (`w ≈ scale_c · q`, `q` in -127..=127); inputs per
-//! row on every call (`x ≈ scale_r · q`), shifted by 128 into the unsigned operand, the shift's
-//! share (`128 · Σ_k q_w`) taken back out per column. Per-row input scales keep an outlier in
-//! one token from flattening every other token's resolution, where a scale per tensor (what
-//! dynamic quantization usually does) loses them.
+//! row on every call, asymmetrically (`x ≈ scale_r · (u - zero_r)`, `u` in 0..=255), the zero
+//! point's share (`zero_r · Σ_k q_w`) taken back out per row and column. Per-row input scales
+//! keep an outlier in one token from flattening every other token's resolution, where a scale
+//! per tensor (what dynamic quantization usually does) loses them; the zero point spends all
+//! 256 steps on the row's own range, which matters for the feed-forward's GELU outputs (their
+//! range is mostly positive): on all-MiniLM-L6-v2 the lowest cosine to float32 went from
+//! 0.981 with symmetric inputs to 0.992.
 
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::packed::with_row_count;
 use super::packed::{padded_width, tiled_product, unpad, Tile, LANES, STRIP};
-use super::rows_per_task;
+use super::{rows_per_task, simd_function};
 
 /// Quads of `k` per pass: a strip's weights for a pass (192 quads x 32 columns x 4 bytes, 24 KiB)
 /// stay in L1 while the block's rows go by.
 const PASS_QUADS: usize = 192;
-
-/// The unsigned operand's offset: a signed input byte `q` goes in as `q + 128`.
-const SHIFT: i32 = 128;
 
 /// Whether this CPU runs the int8 kernel.
 pub fn available() -> bool {
@@ -54,6 +54,51 @@ fn quantize(values: impl Iterator<Item = f32> + Clone) -> (f32, impl Iterator<It
     )
 }
 
+simd_function! {
+    /// Quantizes each `k`-wide row of `rows` asymmetrically to unsigned bytes over
+    /// `[min(0, lo), max(0, hi)]` (zero stays exact): four bytes per u32 of `dst` (`k / 4`
+    /// rounded up per row; padding bytes are zero and meet zero weights), each row's scale
+    /// and zero point (`x ≈ scale · (u - zero)`). Rounds half to even so it vectorizes.
+    fn quantize_rows(
+        rows: &[f32],
+        k: usize,
+        dst: &mut [u32],
+        scales: &mut [f32],
+        zeros: &mut [f32],
+    ) {
+        let quads = k.div_ceil(4);
+        let mut bytes = vec![0u8; quads * 4];
+        let rows = rows.chunks_exact(k);
+        for (((row, dst), scale), zero) in rows.zip(dst.chunks_exact_mut(quads)).zip(scales).zip(zeros) {
+            let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
+            let chunks = row.chunks_exact(LANES);
+            let tail = chunks.remainder();
+            for c in chunks {
+                for i in 0..LANES {
+                    lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+                    hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+                }
+            }
+            for (i, &v) in tail.iter().enumerate() {
+                lo[i] = if v < lo[i] { v } else { lo[i] };
+                hi[i] = if v > hi[i] { v } else { hi[i] };
+            }
+            let lo = lo.iter().fold(0f32, |m, &v| m.min(v));
+            let hi = hi.iter().fold(0f32, |m, &v| m.max(v));
+            let s = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+            let inv = 1.0 / s;
+            let z = (-lo * inv).round().clamp(0.0, 255.0);
+            for (b, &v) in bytes.iter_mut().zip(row) {
+                *b = (v * inv + z).round_ties_even().clamp(0.0, 255.0) as u8;
+            }
+            for (d, q) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                *d = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+            }
+            (*scale, *zero) = (s, z);
+        }
+    }
+}
+
 /// A `k x n` weight (the transposed Linear weight) quantized per column and packed for
 /// [`PackedI8::matmul`].
 pub struct PackedI8 {
@@ -63,8 +108,8 @@ pub struct PackedI8 {
     data: Vec<i8>,
     /// Per column (padded to whole strips with zeros): the weight's scale.
     scales: Vec<f32>,
-    /// Per column: `SHIFT · Σ_k q · scale`, what the shifted inputs add to a column's sum.
-    shifts: Vec<f32>,
+    /// Per column: `Σ_k q · scale`, what one unit of an input row's zero point adds to it.
+    sums: Vec<f32>,
 }
 
 impl PackedI8 {
@@ -74,7 +119,7 @@ impl PackedI8 {
         let (quads, width) = (k.div_ceil(4), padded_width(n));
         let mut data = vec![0i8; width * quads * 4];
         let mut scales = vec![0f32; width];
-        let mut shifts = vec![0f32; width];
+        let mut sums = vec![0f32; width];
         for col in 0..n {
             let (scale, q) = quantize((0..k).map(|row| w[row * n + col]));
             let mut sum = 0i32;
@@ -83,14 +128,14 @@ impl PackedI8 {
                 sum += i32::from(q);
             }
             scales[col] = scale;
-            shifts[col] = (SHIFT * sum) as f32 * scale;
+            sums[col] = sum as f32 * scale;
         }
         Self {
             k,
             n,
             data,
             scales,
-            shifts,
+            sums,
         }
     }
 
@@ -116,40 +161,23 @@ impl PackedI8 {
     }
 
     /// `x · w` for `x` of `m x k` (float32), each row of `x` quantized to 8 bits with its own
-    /// scale: `m x n` float32. Call only where [`available`].
+    /// scale and zero point: `m x n` float32. Call only where [`available`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "lhs is not {m} x {}", self.k);
         assert!(available(), "int8 matmul on a CPU without AVX-512 VNNI");
         let quads = self.k.div_ceil(4);
-        // Inputs as shifted bytes, four per u32 (the value a kernel broadcasts), and each row's
-        // scale. A row's padding bytes meet zero weights.
+        // Inputs as unsigned bytes, four per u32 (the value a kernel broadcasts), and each row's
+        // scale and zero point. A row's padding bytes meet zero weights.
         let mut a = vec![0u32; m * quads];
         let mut row_scales = vec![0f32; m];
+        let mut row_zeros = vec![0f32; m];
         let task_rows = rows_per_task(self.k);
         a.par_chunks_mut(quads * task_rows)
             .zip(row_scales.par_chunks_mut(task_rows))
+            .zip(row_zeros.par_chunks_mut(task_rows))
             .zip(x.par_chunks(self.k * task_rows))
-            .for_each(|((dst, scales), rows)| {
-                let rows = rows.chunks_exact(self.k);
-                for ((dst, scale), row) in dst.chunks_exact_mut(quads).zip(scales).zip(rows) {
-                    let (s, q) = quantize(row.iter().copied());
-                    *scale = s;
-                    let mut bytes = [SHIFT as u8; 4];
-                    let mut quad = 0;
-                    for (i, q) in q.enumerate() {
-                        bytes[i % 4] = (i32::from(q) + SHIFT) as u8;
-                        if i % 4 == 3 {
-                            dst[quad] = u32::from_le_bytes(bytes);
-                            quad += 1;
-                        }
-                    }
-                    if !self.k.is_multiple_of(4) {
-                        for b in &mut bytes[self.k % 4..] {
-                            *b = SHIFT as u8;
-                        }
-                        dst[quad] = u32::from_le_bytes(bytes);
-                    }
-                }
+            .for_each(|(((dst, scales), zeros), rows)| {
+                quantize_rows(rows, self.k, dst, scales, zeros)
             });
         let stride = padded_width(self.n);
         let kernel = |tile: Tile, at: *mut f32| {
@@ -157,9 +185,10 @@ impl PackedI8 {
             let strip = &self.data[tile.strip * strip_len..][..strip_len];
             let weights = &strip[tile.pass.start * STRIP * 4..tile.pass.end * STRIP * 4];
             let inputs = &a[tile.first * quads..(tile.first + tile.rows) * quads];
-            let rows = &row_scales[tile.first..tile.first + tile.rows];
+            let rows = tile.first..tile.first + tile.rows;
+            let (rows, zeros) = (&row_scales[rows.clone()], &row_zeros[rows]);
             let columns = tile.strip * STRIP..(tile.strip + 1) * STRIP;
-            let (scales, shifts) = (&self.scales[columns.clone()], &self.shifts[columns]);
+            let (scales, sums) = (&self.scales[columns.clone()], &self.sums[columns]);
             // SAFETY: `available()` was checked above; `at` is valid for the tile's rows of 32
             // (see `tiled_product`).
             #[cfg(target_arch = "x86_64")]
@@ -172,8 +201,9 @@ impl PackedI8 {
                         tile.pass,
                         weights,
                         rows,
+                        zeros,
                         scales,
-                        shifts,
+                        sums,
                         at,
                         stride,
                         tile.accumulate
@@ -197,7 +227,8 @@ mod x86 {
     /// Quads `pass` of R rows of `a` (`quads` per row) times the same quads of one 32-column
     /// strip (`b`, starting at the pass), in int32; then scaled to float32 by the rows' and
     /// columns' scales and written to `out` (row stride `stride`) by the first pass, which also
-    /// takes out the inputs' shift, and added to it by the later ones.
+    /// takes out the rows' zero points (`zero_r · Σ_k q · scale_c`), and added to it by the
+    /// later ones.
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512 VNNI; `out` must be valid for R rows of 32.
@@ -209,16 +240,16 @@ mod x86 {
         pass: std::ops::Range<usize>,
         b: &[i8],
         row_scales: &[f32],
+        row_zeros: &[f32],
         col_scales: &[f32],
-        shifts: &[f32],
+        col_sums: &[f32],
         out: *mut f32,
         stride: usize,
         accumulate: bool,
     ) {
         assert!(b.len() >= pass.len() * 8 * LANES && a.len() >= R * quads && pass.end <= quads);
-        assert!(
-            row_scales.len() >= R && col_scales.len() >= 2 * LANES && shifts.len() >= 2 * LANES
-        );
+        assert!(row_scales.len() >= R && row_zeros.len() >= R);
+        assert!(col_scales.len() >= 2 * LANES && col_sums.len() >= 2 * LANES);
         let mut acc = [[_mm512_setzero_si512(); 2]; R];
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
         for (i, q) in pass.enumerate() {
@@ -241,16 +272,17 @@ mod x86 {
                 _mm512_loadu_ps(col_scales.as_ptr()),
                 _mm512_loadu_ps(col_scales.as_ptr().add(LANES)),
             ];
-            let shifts = [
-                _mm512_loadu_ps(shifts.as_ptr()),
-                _mm512_loadu_ps(shifts.as_ptr().add(LANES)),
+            let col_sums = [
+                _mm512_loadu_ps(col_sums.as_ptr()),
+                _mm512_loadu_ps(col_sums.as_ptr().add(LANES)),
             ];
             for (r, (row, acc)) in sums.iter_mut().zip(&acc).enumerate() {
                 let row_scale = _mm512_set1_ps(row_scales[r]);
+                let row_zero = _mm512_set1_ps(row_zeros[r]);
                 for v in 0..2 {
                     let mut scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[v]), scales[v]);
                     if !accumulate {
-                        scaled = _mm512_sub_ps(scaled, shifts[v]);
+                        scaled = _mm512_fnmadd_ps(row_zero, col_sums[v], scaled);
                     }
                     row[v] = _mm512_fmadd_ps(scaled, row_scale, row[v]);
                 }
@@ -264,6 +296,29 @@ mod x86 {
 mod tests {
     use super::super::packed::{test_products, TestProduct};
     use super::*;
+
+    /// One row through [`quantize_rows`]: its scale, zero point and `k` bytes.
+    fn quantize_input(row: &[f32]) -> (f32, f32, Vec<u8>) {
+        let k = row.len();
+        let (mut dst, mut scale, mut zero) = (vec![0u32; k.div_ceil(4)], [0f32], [0f32]);
+        quantize_rows(row, k, &mut dst, &mut scale, &mut zero);
+        let bytes = dst.iter().flat_map(|q| q.to_le_bytes()).take(k).collect();
+        (scale[0], zero[0], bytes)
+    }
+
+    #[test]
+    fn inputs_spend_all_256_steps_on_their_range_and_keep_zero_exact() {
+        let (scale, zero, u) = quantize_input(&[-0.5, 2.0, 0.0, 1.0, 0.5]);
+        assert_eq!((scale, zero), (2.5 / 255.0, 51.0));
+        assert_eq!(u, vec![0, 255, 51, 153, 102]);
+        // All positive: the range starts at zero. 17 values: a full vector and a tail.
+        let row: Vec<f32> = (0..17).map(|i| i as f32 / 16.0).collect();
+        let (scale, zero, u) = quantize_input(&row);
+        assert_eq!((scale, zero), (1.0 / 255.0, 0.0));
+        assert_eq!((u[4], u[16]), (64, 255));
+        let (scale, zero, u) = quantize_input(&[0.0; 3]);
+        assert_eq!((scale, zero, u), (1.0, 0.0, vec![0, 0, 0]));
+    }
 
     #[test]
     fn quantization_maps_the_largest_magnitude_to_127() {
@@ -288,8 +343,10 @@ mod tests {
             let quantized_x: Vec<f32> = x
                 .chunks_exact(k)
                 .flat_map(|row| {
-                    let (s, q) = quantize(row.iter().copied());
-                    q.map(move |q| f32::from(q) * s).collect::<Vec<_>>()
+                    let (s, z, u) = quantize_input(row);
+                    u.into_iter()
+                        .map(move |u| (f32::from(u) - z) * s)
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             let got = packed.matmul(&x, m);
