@@ -118,10 +118,8 @@ fn bf16_vectors_keep_cosine_0_999_with_sentence_transformers() {
 
 /// `--dtype int8`: 8-bit dense layers (per-column weight scales, per-row input scales and zero
 /// points) with float32 attention and norms. They do not hold 0.999: the lowest is 0.9925 on
-/// this fixture (0.9814 with symmetric inputs). A float simulation of the same scheme on these
-/// weights puts the rest in both operands: weights alone at 8 bits per column give 0.9987 even
-/// with the inputs' eight largest channels kept in float32, which alone give 0.9995. This pins
-/// what they reach, 0.99, so a regression shows.
+/// this fixture (0.9814 with symmetric inputs). This pins what they reach, 0.99, so a
+/// regression shows.
 #[test]
 fn int8_vectors_keep_cosine_0_99_with_sentence_transformers() {
     if !embedd_runtime::kernels::int8::available() {
