@@ -1,9 +1,11 @@
 //! The one loading path every served kind shares: a model's files, its architecture config,
 //! its input limit, the execution plan and the backbone, the tokenizer.
 
+use crate::batch::PackedBatch;
 use crate::device::{DeviceSpec, Precision};
 use crate::error::Result;
 use crate::model_dir::{ModelDir, ModelSource};
+use crate::models::int8::{Int8Calibration, CALIBRATION_TEXTS};
 use crate::models::{load_backbone, ArchitectureConfig, Backbone, Weights};
 use crate::plan::ExecutionPlan;
 use crate::tokenize::{TextTokenizer, TokenSequence};
@@ -11,6 +13,8 @@ use crate::tokenize::{TextTokenizer, TokenSequence};
 /// The input length served when neither the catalog nor the model's files name one and the
 /// architecture has no position table (T5).
 const DEFAULT_MAX_TOKENS: usize = 512;
+/// The longest calibration input, in tokens.
+const CALIBRATION_TOKENS: usize = 128;
 
 /// A model's files and what its `config.json` says, read once.
 pub struct Checkpoint {
@@ -53,16 +57,36 @@ impl Checkpoint {
             .min(positions.unwrap_or(usize::MAX))
     }
 
-    /// The plan for `device` and `precision`, and the backbone built under it.
+    /// The plan for `device` and `precision`, and the backbone built under it. An int8
+    /// backbone is calibrated before it is returned (see [`crate::models::int8`]).
     pub fn load(&self, device: DeviceSpec, precision: Precision) -> Result<LoadedBackbone> {
         let plan = ExecutionPlan::resolve(device, precision)?;
         let weights = Weights::open(&self.dir, &plan)?;
-        let backbone = load_backbone(&weights, &self.config, &plan)?;
+        let (backbone, calibration) =
+            Int8Calibration::collect(|| load_backbone(&weights, &self.config, &plan));
+        let backbone = backbone?;
+        if !calibration.is_empty() {
+            self.calibrate(backbone.as_ref())?;
+        }
+        calibration.finish();
         Ok(LoadedBackbone {
             plan,
             weights,
             backbone,
         })
+    }
+
+    /// Runs the calibration texts through `backbone` (its int8 layers still in float32), a
+    /// few at a time to keep the pass's memory small.
+    fn calibrate(&self, backbone: &dyn Backbone) -> Result<()> {
+        let tokenizer = self.tokenizer(self.max_tokens(None).min(CALIBRATION_TOKENS))?;
+        let texts: Vec<String> = CALIBRATION_TEXTS.iter().map(|t| t.to_string()).collect();
+        let sequences = tokenizer.encode_batch(&texts, true)?;
+        for chunk in sequences.chunks(8) {
+            let batch = PackedBatch::new(chunk.iter().collect(), tokenizer.pad_id());
+            backbone.forward(&batch)?;
+        }
+        Ok(())
     }
 
     pub fn tokenizer(&self, max_tokens: usize) -> Result<TextTokenizer> {

@@ -3,8 +3,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{LayerNorm, Linear};
 
+use super::int8::Int8Layer;
 use super::lora::{AdapterSpan, LinearLora};
-use crate::kernels::{self, HostSlice, PackedBf16, PackedF32, PackedI8};
+use crate::kernels::{self, HostSlice, PackedBf16, PackedF32};
 use crate::plan::FusedProducts;
 
 /// Where a Dense layer's weight lives. Each layer holds one form only: a packed copy beside the
@@ -18,8 +19,9 @@ enum Weight {
     F32(PackedF32),
     /// Rounded to bfloat16 and packed, when the model runs in reduced precision.
     Bf16(PackedBf16),
-    /// Quantized to 8 bits per output column and packed (`--dtype int8`).
-    Int8(PackedI8),
+    /// Quantized to 8 bits per output column and group of inputs, and packed (`--dtype int8`);
+    /// float32 until its model's calibration pass has run.
+    Int8(Int8Layer),
 }
 
 pub struct Dense {
@@ -39,7 +41,7 @@ impl Dense {
         let weight = match fused {
             None => Weight::Candle(weight.clone()),
             Some(FusedProducts::Bf16) => Weight::Bf16(with_transposed(weight, PackedBf16::pack)?),
-            Some(FusedProducts::Int8) => Weight::Int8(with_transposed(weight, PackedI8::pack)?),
+            Some(FusedProducts::Int8) => Weight::Int8(with_transposed(weight, Int8Layer::new)?),
             Some(FusedProducts::F32) if PackedF32::available() => {
                 Weight::F32(with_transposed(weight, PackedF32::pack)?)
             }
@@ -109,7 +111,7 @@ impl Dense {
         match &self.weight {
             Weight::F32(packed) => Ok(packed.matmul(x, rows)),
             Weight::Bf16(packed) => Ok(packed.matmul(x, rows)),
-            Weight::Int8(packed) => Ok(packed.matmul(x, rows)),
+            Weight::Int8(layer) => layer.matmul(x, rows),
             Weight::Candle(w) => {
                 with_transposed(w, |weight, k, n| kernels::matmul(x, rows, k, weight, n))
             }

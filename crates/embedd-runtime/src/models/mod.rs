@@ -12,6 +12,7 @@ pub mod dense;
 pub mod eva;
 #[cfg(test)]
 mod executors;
+pub mod int8;
 pub mod jina_clip;
 pub mod lora;
 pub mod peft;
