@@ -281,6 +281,13 @@ impl PackedI8 {
             let sums = &self.sums[columns];
             let outlier_w =
                 &self.outlier_weights[tile.strip * outliers * STRIP..][..outliers * STRIP];
+            let strip = Strip {
+                weights,
+                group_scales,
+                sums,
+                outlier_weights: outlier_w,
+                outliers,
+            };
             for start in (0..tile.rows).step_by(KERNEL_ROWS) {
                 let first = tile.first + start;
                 let count = KERNEL_ROWS.min(tile.rows - start);
@@ -292,13 +299,6 @@ impl PackedI8 {
                     zeros: &row_zeros[rows.clone()],
                     outliers: &outlier_x[first * outlier_stride..(first + count) * outlier_stride],
                     outlier_stride,
-                };
-                let strip = Strip {
-                    weights,
-                    group_scales,
-                    sums,
-                    outlier_weights: outlier_w,
-                    outliers,
                 };
                 // SAFETY: `available()` was checked above; `at` is valid for the tile's rows
                 // of 32 (see `tiled_product`), so for these `count` of them from `start`.
