@@ -211,6 +211,41 @@ fn jina_clip_serves_text_with_its_task_and_images_in_one_request() {
     assert!(resp.to_string().contains("task"), "{resp}");
 }
 
+/// jina-clip-v1's layout (JinaBERT text tower in the flash layout, EVA02 in 16-pixel patches): a
+/// plain string and an image data URI in one request against the plain-torch reference.
+#[test]
+fn jina_clip_v1_serves_text_and_images_in_one_request() {
+    let path = workspace().join("tests/fixtures/jina_clip_v1.json");
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dir = workspace().join("tests/fixtures/models/tiny-jina-clip-v1");
+    let server = Server::start(&["--model", &format!("jina-clip-v1={}", dir.display())]);
+    let text = &f["text_cases"][0];
+    let photo = f["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["file"] == "chelsea.jpg")
+        .unwrap();
+    let input = json!([
+        f["texts"][3],
+        format!("data:image/jpeg;base64,{}", b64(&image("chelsea.jpg"))),
+    ]);
+    let (status, resp) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "jina-clip-v1", "input": input}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    let got = vectors(&resp);
+    assert_eq!(got[0].len(), 48);
+    let c = cosine(&got[0], &floats(&text["embeddings"][3]));
+    assert!(c >= 0.9999, "text: cosine {c}");
+    let c = cosine(&got[1], &floats(&photo["vector"]));
+    assert!(c >= 0.999, "image: cosine {c}");
+    let tokens =
+        text["token_counts"][3].as_u64().unwrap() + f["tokens_per_image"].as_u64().unwrap();
+    assert_eq!(resp["usage"]["total_tokens"], tokens, "{resp}");
+}
+
 #[test]
 fn bad_images_and_failed_fetches_are_422s_naming_the_input() {
     let host = image_host();

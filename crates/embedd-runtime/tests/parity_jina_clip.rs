@@ -2,6 +2,8 @@
 //! adapter) against the plain-torch reference of tests/fixtures/make_jina_clip_fixture.py (whose
 //! EVA tower agrees with timm's): texts with and without a task, pixels alone (model only), and
 //! image files through embedd's decoding and the jina processor's preprocessing (end to end).
+//! jina-clip-v1's layout (EVA02 in 16-pixel patches, JinaBERT as jina-bert-flash-implementation
+//! saves it) against tests/fixtures/make_jina_clip_v1_fixture.py the same way.
 
 mod common;
 
@@ -10,13 +12,18 @@ use embedd_runtime::{Precision, TextEmbedder};
 
 #[test]
 fn text_tower_matches_the_reference_with_and_without_a_task() {
-    check_texts(&common::model("tiny-jina-clip-v2"), 0.9999);
+    let model = common::model("tiny-jina-clip-v2");
+    check_texts(&model, "jina_clip.json", 64, 0.9999);
+    // The text tower keeps one adapter; other tasks of jina-embeddings-v3 are refused.
+    assert!(model
+        .prepare_for_task(&["a".to_string()], false, Some("retrieval.passage"))
+        .is_err());
 }
 
-fn check_texts(model: &TextEmbedder, floor: f32) {
-    let f = fixture("jina_clip.json");
+fn check_texts(model: &TextEmbedder, fixture_file: &str, dimensions: usize, floor: f32) {
+    let f = fixture(fixture_file);
     assert!(model.accepts_images());
-    assert_eq!((model.dimensions(), model.max_tokens()), (64, 8192));
+    assert_eq!((model.dimensions(), model.max_tokens()), (dimensions, 8192));
     let texts: Vec<String> = serde_json::from_value(f["texts"].clone()).unwrap();
     for case in f["text_cases"].as_array().unwrap() {
         let task = case["task"].as_str();
@@ -35,10 +42,6 @@ fn check_texts(model: &TextEmbedder, floor: f32) {
             assert!(c >= floor, "task {task:?}, text {i}: cosine {c}");
         }
     }
-    // The text tower keeps one adapter; other tasks of jina-embeddings-v3 are refused.
-    assert!(model
-        .prepare_for_task(&texts, false, Some("retrieval.passage"))
-        .is_err());
 }
 
 #[test]
@@ -59,7 +62,7 @@ fn bf16_towers_stay_close_to_the_reference() {
     };
     let side = f["side"].as_u64().unwrap() as usize;
     let tokens = f["tokens_per_image"].as_u64().unwrap() as usize;
-    check_texts(&model, 0.999);
+    check_texts(&model, "jina_clip.json", 64, 0.999);
     check_synthetic_images(&model, &f, side, tokens, 0.999);
     check_image_files(&model, f["images"].as_array().unwrap(), side, 97);
 }
@@ -70,4 +73,36 @@ fn image_files_match_the_reference_end_to_end() {
     let model = common::model("tiny-jina-clip-v2");
     let side = f["side"].as_u64().unwrap() as usize;
     check_image_files(&model, f["images"].as_array().unwrap(), side, 97);
+}
+
+#[test]
+fn jina_clip_v1_text_tower_matches_the_reference() {
+    check_texts(
+        &common::model("tiny-jina-clip-v1"),
+        "jina_clip_v1.json",
+        48,
+        0.9999,
+    );
+}
+
+#[test]
+fn jina_clip_v1_image_tower_matches_the_reference() {
+    let f = fixture("jina_clip_v1.json");
+    let model = common::model("tiny-jina-clip-v1");
+    let side = f["side"].as_u64().unwrap() as usize;
+    let tokens = f["tokens_per_image"].as_u64().unwrap() as usize;
+    check_synthetic_images(&model, &f, side, tokens, 0.9999);
+    check_image_files(&model, f["images"].as_array().unwrap(), side, 97);
+}
+
+#[test]
+fn jina_clip_v1_bf16_stays_close_to_the_reference() {
+    let f = fixture("jina_clip_v1.json");
+    let Some(model) = common::model_in("tiny-jina-clip-v1", Precision::Bf16) else {
+        return;
+    };
+    let side = f["side"].as_u64().unwrap() as usize;
+    let tokens = f["tokens_per_image"].as_u64().unwrap() as usize;
+    check_texts(&model, "jina_clip_v1.json", 48, 0.999);
+    check_synthetic_images(&model, &f, side, tokens, 0.999);
 }

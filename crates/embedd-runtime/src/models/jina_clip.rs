@@ -1,6 +1,7 @@
 //! jina-clip (`model_type: jina_clip`, the jina-clip implementation): an EVA02 vision tower and
-//! a Hugging Face text encoder (jina-clip-v2: jina-embeddings-v3's XLM-RoBERTa with its LoRA
-//! adapters) pooled into one shared space.
+//! a Hugging Face text encoder (jina-clip-v1: JinaBERT as jina-bert-flash-implementation saves
+//! it; jina-clip-v2: jina-embeddings-v3's XLM-RoBERTa with its LoRA adapters) pooled into one
+//! shared space.
 //!
 //! The text tower's `config.json` is not in the checkpoint: the implementation loads the config
 //! of the model `hf_model_name_or_path` names, then sets `hf_model_config_kwargs` over it. embedd
@@ -104,6 +105,27 @@ fn known_text_config(name: &str) -> Option<Value> {
             "type_vocab_size": 1,
             "vocab_size": 250002
         })),
+        // jina-clip-v1's: jina-embeddings-v2-base-en's shape (ALiBi, gated GELU) in the flash
+        // layout; the implementation runs it without query/key LayerNorms.
+        "jinaai/jina-bert-flash-implementation" => Some(serde_json::json!({
+            "auto_map": {
+                "AutoConfig": "jinaai/jina-bert-flash-implementation--configuration_bert.JinaBertConfig",
+                "AutoModel": "jinaai/jina-bert-flash-implementation--modeling_bert.BertModel"
+            },
+            "hidden_act": "gelu",
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "layer_norm_eps": 1e-12,
+            "max_position_embeddings": 8192,
+            "model_type": "bert",
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "pad_token_id": 0,
+            "position_embedding_type": "alibi",
+            "type_vocab_size": 2,
+            "use_qk_norm": false,
+            "vocab_size": 30528
+        })),
         _ => None,
     }
 }
@@ -122,7 +144,10 @@ pub(super) fn read_config(
         None => {
             return Err((
                 "text_config.hf_model_name_or_path".into(),
-                format!("text encoder '{name}' is not supported (jinaai/jina-embeddings-v3)"),
+                format!(
+                    "text encoder '{name}' is not supported (jinaai/jina-embeddings-v3, \
+                     jinaai/jina-bert-flash-implementation)"
+                ),
             ))
         }
     };
@@ -324,11 +349,16 @@ mod tests {
     #[test]
     fn unsupported_towers_name_their_field() {
         let mut raw = v2_config();
-        raw["text_config"]["hf_model_name_or_path"] =
-            "jinaai/jina-bert-flash-implementation".into();
+        raw["text_config"]["hf_model_name_or_path"] = "jinaai/jina-bert-implementation".into();
         let (field, reason) = read_config(&raw).unwrap_err();
         assert_eq!(field, "text_config.hf_model_name_or_path");
         assert!(reason.contains("jina-bert-flash"), "{reason}");
+        let mut raw = v2_config();
+        raw["text_config"]["hf_model_name_or_path"] =
+            "jinaai/jina-bert-flash-implementation".into();
+        raw["text_config"]["hf_model_config_kwargs"] = serde_json::json!({"use_qk_norm": true});
+        raw["text_config"]["default_lora_task"] = Value::Null;
+        assert_eq!(read_config(&raw).unwrap_err().0, "text_config.use_qk_norm");
         let mut raw = v2_config();
         raw["vision_config"]["post_norm"] = true.into();
         assert_eq!(read_config(&raw).unwrap_err().0, "vision_config.post_norm");

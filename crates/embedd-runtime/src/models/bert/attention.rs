@@ -41,7 +41,7 @@ impl BertAttention {
         fused: Option<FusedProducts>,
     ) -> candle_core::Result<Self> {
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
-        let (qkv, output, norm, qk_norm) = if config.variant == BertVariant::XlmRobertaFlash {
+        let (qkv, output, norm, qk_norm) = if config.flash_layout() {
             (
                 dense(vb.pp("mixer.Wqkv"), h, 3 * h, config, fused)?,
                 dense(vb.pp("mixer.out_proj"), h, h, config, fused)?,

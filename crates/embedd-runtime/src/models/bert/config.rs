@@ -36,6 +36,11 @@ pub enum BertVariant {
     /// and the feed-forward as `mlp.up_gated_layer` ([value | gate]), `mlp.down_layer`,
     /// `layer_norm_2`.
     JinaBertQkPostNorm,
+    /// jina-bert-flash-implementation (jina-clip-v1's text tower): JinaBERT's blocks (ALiBi, gated
+    /// GELU feed-forward) with tensors named as the flash-attention code saves them (`emb_ln`,
+    /// `encoder.layers.N.mixer.Wqkv`, `mixer.out_proj`, `norm1`, `mlp.gated_layers`, `mlp.wo`,
+    /// `norm2`).
+    JinaBertFlash,
     /// xlm-roberta-flash-implementation (jina-embeddings-v3): XLM-RoBERTa with tensors named as
     /// the flash-attention code saves them (`emb_ln`, `encoder.layers.N.mixer.Wqkv`, `norm1`,
     /// `mlp.fc1`...), rotary positions, and per-task LoRA adapters.
@@ -158,6 +163,8 @@ impl BertConfig {
             BertVariant::JinaBertQkPostNorm
         } else if implementation.contains("xlm-roberta-flash") {
             BertVariant::XlmRobertaFlash
+        } else if implementation.contains("jina-bert-flash") {
+            BertVariant::JinaBertFlash
         } else if config.position_embedding_type.as_deref() == Some("alibi") {
             BertVariant::JinaBert
         } else if matches!(
@@ -178,6 +185,25 @@ impl BertConfig {
                 "position_embedding_type",
                 "ALiBi is JinaBERT's; this checkpoint names another implementation".into(),
             );
+        }
+        if config.variant == BertVariant::JinaBertFlash {
+            // The flash JinaBERT has no position table: ALiBi is its only position scheme.
+            if config.positions() != PositionEncoding::Alibi
+                && config.position_embedding_type.is_some()
+            {
+                return refuse(
+                    "position_embedding_type",
+                    "jina-bert-flash-implementation positions tokens by ALiBi only".into(),
+                );
+            }
+            config.position_embedding_type = Some("alibi".into());
+            if raw.get("use_qk_norm").and_then(Value::as_bool) == Some(true) {
+                return refuse(
+                    "use_qk_norm",
+                    "query/key LayerNorms of jina-bert-flash-implementation are not supported"
+                        .into(),
+                );
+            }
         }
         let head_dim = config.hidden_size / config.num_attention_heads;
         if matches!(config.positions(), PositionEncoding::Rotary { .. })
@@ -236,10 +262,19 @@ impl BertConfig {
         })
     }
 
+    /// Tensors named as the flash-attention code saves them (`emb_ln`, `encoder.layers`,
+    /// `mixer.*`, `norm1`, `norm2`).
+    pub(super) fn flash_layout(&self) -> bool {
+        matches!(
+            self.variant,
+            BertVariant::XlmRobertaFlash | BertVariant::JinaBertFlash
+        )
+    }
+
     /// JinaBERT's gated feed-forward; its configs may still ask for the plain one.
     pub(super) fn gated_feed_forward(&self) -> bool {
         match self.variant {
-            BertVariant::JinaBertQkPostNorm => true,
+            BertVariant::JinaBertQkPostNorm | BertVariant::JinaBertFlash => true,
             BertVariant::JinaBert => {
                 matches!(self.feed_forward_type.as_deref(), Some(t) if t.contains("glu"))
             }
@@ -280,6 +315,13 @@ mod tests {
             "auto_map": {"AutoModel": "jinaai/xlm-roberta-flash-implementation--modeling_lora.XLMRobertaLoRA"}}));
         assert_eq!(v3.variant, BertVariant::XlmRobertaFlash);
         assert_eq!(v3.positions(), PositionEncoding::Rotary { base: 20000.0 });
+        // jina-clip-v1's text tower: ALiBi and the gated feed-forward whatever the config says.
+        let flash = resolve(serde_json::json!({"model_type": "bert",
+            "auto_map": {"AutoModel": "jinaai/jina-bert-flash-implementation--modeling_bert.BertModel"}}));
+        assert_eq!(flash.variant, BertVariant::JinaBertFlash);
+        assert_eq!(flash.positions(), PositionEncoding::Alibi);
+        assert!(flash.gated_feed_forward() && flash.flash_layout());
+        assert_eq!(flash.position_offset(), 0);
     }
 
     #[test]
@@ -297,6 +339,18 @@ mod tests {
         raw["position_embedding_type"] = "relative_key".into();
         assert_eq!(
             BertConfig::resolve(&raw).unwrap_err().0,
+            "position_embedding_type"
+        );
+        let mut flash = raw;
+        flash["position_embedding_type"] = "alibi".into();
+        flash["auto_map"] =
+            serde_json::json!({"AutoModel": "jinaai/jina-bert-flash-implementation"});
+        flash["use_qk_norm"] = true.into();
+        assert_eq!(BertConfig::resolve(&flash).unwrap_err().0, "use_qk_norm");
+        flash["use_qk_norm"] = false.into();
+        flash["position_embedding_type"] = "rotary".into();
+        assert_eq!(
+            BertConfig::resolve(&flash).unwrap_err().0,
             "position_embedding_type"
         );
     }

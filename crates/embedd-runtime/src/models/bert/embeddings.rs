@@ -3,7 +3,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
-use super::config::{BertConfig, BertVariant, PositionEncoding};
+use super::config::{BertConfig, PositionEncoding};
 use super::weights::{embedding, layer_norm};
 use crate::batch::Batch;
 use crate::models::lora::EmbeddingLora;
@@ -33,9 +33,10 @@ impl BertEmbeddings {
             config.type_vocab_size,
             config,
         )?;
-        let norm = match config.variant {
-            BertVariant::XlmRobertaFlash => vb.pp("emb_ln"),
-            _ => tables.pp("LayerNorm"),
+        let norm = if config.flash_layout() {
+            vb.pp("emb_ln")
+        } else {
+            tables.pp("LayerNorm")
         };
         let position = match config.positions() {
             PositionEncoding::Absolute => Some(candle_nn::embedding(

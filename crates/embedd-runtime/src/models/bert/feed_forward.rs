@@ -55,6 +55,7 @@ impl FeedForward {
                     "layer_norm_2",
                     false,
                 ),
+                BertVariant::JinaBertFlash => ("mlp.gated_layers", "mlp.wo", "norm2", true),
                 _ => ("mlp.gated_layers", "mlp.wo", "mlp.layernorm", true),
             };
             return Ok(FeedForward::Gated {

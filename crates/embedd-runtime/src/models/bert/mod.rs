@@ -43,7 +43,7 @@ impl FamilyConfig for BertConfig {
         match self.variant {
             BertVariant::Bert => Family::Bert,
             BertVariant::Roberta => Family::Roberta,
-            BertVariant::JinaBert => Family::JinaBert,
+            BertVariant::JinaBert | BertVariant::JinaBertFlash => Family::JinaBert,
             BertVariant::JinaBertQkPostNorm => Family::JinaBertQkPostNorm,
             BertVariant::XlmRobertaFlash => Family::XlmRobertaLora,
         }
@@ -171,9 +171,10 @@ impl BertModel {
             None => vb,
         };
         let fused = plan.fused();
-        let stack = match config.variant {
-            BertVariant::XlmRobertaFlash => "encoder.layers",
-            _ => "encoder.layer",
+        let stack = if config.flash_layout() {
+            "encoder.layers"
+        } else {
+            "encoder.layer"
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| BertLayer::load(vb.pp(format!("{stack}.{i}")), config, fused))
@@ -288,52 +289,81 @@ mod tests {
             ("embeddings.word_embeddings.weight".into(), vec![v, h]),
             ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
             ("embeddings.position_embeddings.weight".into(), vec![64, h]),
-            ("embeddings.LayerNorm.weight".into(), vec![h]),
-            ("embeddings.LayerNorm.bias".into(), vec![h]),
         ];
-        for layer in 0..config.num_hidden_layers {
-            let p = format!("encoder.layer.{layer}");
-            for n in ["query", "key", "value"] {
-                shapes.push((format!("{p}.attention.self.{n}.weight"), vec![h, h]));
-                shapes.push((format!("{p}.attention.self.{n}.bias"), vec![h]));
+        if config.variant == BertVariant::JinaBertFlash {
+            shapes.extend([
+                ("emb_ln.weight".into(), vec![h]),
+                ("emb_ln.bias".into(), vec![h]),
+            ]);
+            for layer in 0..config.num_hidden_layers {
+                let p = format!("encoder.layers.{layer}");
+                shapes.extend(
+                    [
+                        ("mixer.Wqkv.weight", vec![3 * h, h]),
+                        ("mixer.Wqkv.bias", vec![3 * h]),
+                        ("mixer.out_proj.weight", vec![h, h]),
+                        ("mixer.out_proj.bias", vec![h]),
+                        ("norm1.weight", vec![h]),
+                        ("norm1.bias", vec![h]),
+                        ("mlp.gated_layers.weight", vec![2 * i, h]),
+                        ("mlp.wo.weight", vec![h, i]),
+                        ("mlp.wo.bias", vec![h]),
+                        ("norm2.weight", vec![h]),
+                        ("norm2.bias", vec![h]),
+                    ]
+                    .into_iter()
+                    .map(|(n, s)| (format!("{p}.{n}"), s)),
+                );
             }
-            let mut more = vec![
-                ("attention.output.dense.weight", vec![h, h]),
-                ("attention.output.dense.bias", vec![h]),
-                ("attention.output.LayerNorm.weight", vec![h]),
-                ("attention.output.LayerNorm.bias", vec![h]),
-            ];
-            match config.variant {
-                BertVariant::JinaBertQkPostNorm => more.extend([
-                    ("attention.self.layer_norm_q.weight", vec![h]),
-                    ("attention.self.layer_norm_q.bias", vec![h]),
-                    ("attention.self.layer_norm_k.weight", vec![h]),
-                    ("attention.self.layer_norm_k.bias", vec![h]),
-                    ("layer_norm_1.weight", vec![h]),
-                    ("layer_norm_1.bias", vec![h]),
-                    ("mlp.up_gated_layer.weight", vec![2 * i, h]),
-                    ("mlp.down_layer.weight", vec![h, i]),
-                    ("mlp.down_layer.bias", vec![h]),
-                    ("layer_norm_2.weight", vec![h]),
-                    ("layer_norm_2.bias", vec![h]),
-                ]),
-                BertVariant::JinaBert => more.extend([
-                    ("mlp.gated_layers.weight", vec![2 * i, h]),
-                    ("mlp.wo.weight", vec![h, i]),
-                    ("mlp.wo.bias", vec![h]),
-                    ("mlp.layernorm.weight", vec![h]),
-                    ("mlp.layernorm.bias", vec![h]),
-                ]),
-                _ => more.extend([
-                    ("intermediate.dense.weight", vec![i, h]),
-                    ("intermediate.dense.bias", vec![i]),
-                    ("output.dense.weight", vec![h, i]),
-                    ("output.dense.bias", vec![h]),
-                    ("output.LayerNorm.weight", vec![h]),
-                    ("output.LayerNorm.bias", vec![h]),
-                ]),
+        } else {
+            shapes.extend([
+                ("embeddings.LayerNorm.weight".into(), vec![h]),
+                ("embeddings.LayerNorm.bias".into(), vec![h]),
+            ]);
+            for layer in 0..config.num_hidden_layers {
+                let p = format!("encoder.layer.{layer}");
+                for n in ["query", "key", "value"] {
+                    shapes.push((format!("{p}.attention.self.{n}.weight"), vec![h, h]));
+                    shapes.push((format!("{p}.attention.self.{n}.bias"), vec![h]));
+                }
+                let mut more = vec![
+                    ("attention.output.dense.weight", vec![h, h]),
+                    ("attention.output.dense.bias", vec![h]),
+                    ("attention.output.LayerNorm.weight", vec![h]),
+                    ("attention.output.LayerNorm.bias", vec![h]),
+                ];
+                match config.variant {
+                    BertVariant::JinaBertQkPostNorm => more.extend([
+                        ("attention.self.layer_norm_q.weight", vec![h]),
+                        ("attention.self.layer_norm_q.bias", vec![h]),
+                        ("attention.self.layer_norm_k.weight", vec![h]),
+                        ("attention.self.layer_norm_k.bias", vec![h]),
+                        ("layer_norm_1.weight", vec![h]),
+                        ("layer_norm_1.bias", vec![h]),
+                        ("mlp.up_gated_layer.weight", vec![2 * i, h]),
+                        ("mlp.down_layer.weight", vec![h, i]),
+                        ("mlp.down_layer.bias", vec![h]),
+                        ("layer_norm_2.weight", vec![h]),
+                        ("layer_norm_2.bias", vec![h]),
+                    ]),
+                    BertVariant::JinaBert => more.extend([
+                        ("mlp.gated_layers.weight", vec![2 * i, h]),
+                        ("mlp.wo.weight", vec![h, i]),
+                        ("mlp.wo.bias", vec![h]),
+                        ("mlp.layernorm.weight", vec![h]),
+                        ("mlp.layernorm.bias", vec![h]),
+                    ]),
+                    _ => more.extend([
+                        ("intermediate.dense.weight", vec![i, h]),
+                        ("intermediate.dense.bias", vec![i]),
+                        ("output.dense.weight", vec![h, i]),
+                        ("output.dense.bias", vec![h]),
+                        ("output.LayerNorm.weight", vec![h]),
+                        ("output.LayerNorm.bias", vec![h]),
+                    ]),
+                }
+                shapes.extend(more.into_iter().map(|(n, s)| (format!("{p}.{n}"), s)));
             }
-            shapes.extend(more.into_iter().map(|(n, s)| (format!("{p}.{n}"), s)));
         }
         let tensors = shapes
             .into_iter()
@@ -342,6 +372,9 @@ mod tests {
                 // LayerNorm gains near 1, as trained models have them.
                 let is_norm = name.ends_with("norm.weight")
                     || name.ends_with("LayerNorm.weight")
+                    || name.ends_with("norm1.weight")
+                    || name.ends_with("norm2.weight")
+                    || name.ends_with("ln.weight")
                     || name.contains("layer_norm_");
                 let t = if is_norm && name.ends_with("weight") {
                     (t + 1.0).unwrap()
@@ -366,6 +399,10 @@ mod tests {
         if variant == BertVariant::JinaBertQkPostNorm {
             raw["auto_map"] = serde_json::json!({"AutoModel": "jinaai/jina-bert-v2-qk-post-norm"});
         }
+        if variant == BertVariant::JinaBertFlash {
+            raw["auto_map"] =
+                serde_json::json!({"AutoModel": "jinaai/jina-bert-flash-implementation"});
+        }
         let config = BertConfig::resolve(&raw).unwrap();
         assert_eq!(config.variant, variant);
         config
@@ -377,6 +414,7 @@ mod tests {
             BertVariant::Bert,
             BertVariant::JinaBert,
             BertVariant::JinaBertQkPostNorm,
+            BertVariant::JinaBertFlash,
         ] {
             let config = config(variant);
             let vb = random_weights(&config);
