@@ -490,13 +490,14 @@ mod tests {
             return;
         }
         // Row counts around the 16-row tiles and 32-row blocks; k of 1, 2 and 48 tile steps;
-        // n with a partial strip.
+        // n with a partial strip, and with 13 strips (tasks of several strips, the last short).
         for (m, k, n) in [
             (1, 32, 32),
             (16, 64, 40),
             (25, 384, 384),
             (33, 384, 100),
             (70, 1536, 64),
+            (40, 64, 416),
         ] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.13)
