@@ -64,6 +64,22 @@ fn texts(f: &Value) -> Vec<String> {
         .collect()
 }
 
+/// sentence-transformers' vectors of the fixture's texts, in order.
+fn reference_vectors(f: &Value) -> Vec<Vec<f64>> {
+    f["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
 fn check_against_reference(model: &TextEmbedder, f: &Value) {
     check_within(model, f, 0.9999);
 }
@@ -76,18 +92,7 @@ fn check_within(model: &TextEmbedder, f: &Value, min_cosine: f64) {
     let out = rt.block_on(model.embed(items)).unwrap();
     assert_eq!(out.vectors.len(), texts.len());
     let mut worst = f64::INFINITY;
-    for (i, (ours, theirs)) in out
-        .vectors
-        .iter()
-        .zip(f["embeddings"].as_array().unwrap())
-        .enumerate()
-    {
-        let theirs: Vec<f64> = theirs
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+    for (i, (ours, theirs)) in out.vectors.iter().zip(reference_vectors(f)).enumerate() {
         assert_eq!(ours.len(), theirs.len());
         let c = cosine(ours, &theirs);
         worst = worst.min(c);
@@ -155,18 +160,7 @@ fn int8_keeps_the_ranking_by_similarity() {
         .iter()
         .map(|v| v.iter().map(|x| *x as f64).collect())
         .collect();
-    let theirs: Vec<Vec<f64>> = f["embeddings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        })
-        .collect();
+    let theirs = reference_vectors(&f);
     let similarities = |vectors: &[Vec<f64>], q: usize| -> Vec<f64> {
         let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
         let query = &vectors[q];

@@ -137,17 +137,20 @@ fn jina_reranker_v2_layout_matches_transformers() {
     check("tiny-jina-reranker-v2", SchedulerConfig::default());
 }
 
+/// The cross-encoder fixtures the reduced-precision checks run on.
+const CROSS_ENCODERS: [&str; 3] = [
+    "tiny-bert-cross-encoder",
+    "tiny-xlm-roberta-cross-encoder",
+    "tiny-jina-reranker-v2",
+];
+
 #[test]
 fn bf16_keeps_the_rerank_order() {
     if !embedd_runtime::kernels::bf16::available() {
         eprintln!("skipped: this CPU has no AVX-512 BF16");
         return;
     }
-    for name in [
-        "tiny-bert-cross-encoder",
-        "tiny-xlm-roberta-cross-encoder",
-        "tiny-jina-reranker-v2",
-    ] {
+    for name in CROSS_ENCODERS {
         // The fixture's models have random weights, so their scores crowd together (gaps of
         // 4e-4 occur); bf16 moves these scores by up to 7e-3, so only near-ties may swap.
         check_within(
@@ -166,11 +169,7 @@ fn int8_keeps_the_rerank_order() {
         eprintln!("skipped: this CPU has no AVX-512 VNNI");
         return;
     }
-    for name in [
-        "tiny-bert-cross-encoder",
-        "tiny-xlm-roberta-cross-encoder",
-        "tiny-jina-reranker-v2",
-    ] {
+    for name in CROSS_ENCODERS {
         // The int8 cross-encoder path end to end (calibration on pair inputs included). These
         // toy models (hidden size 32, random weights) are int8's worst case: each column's one
         // group holds its whole input and two outlier channels are all one in 16 allows, so
