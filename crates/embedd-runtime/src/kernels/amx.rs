@@ -15,8 +15,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::packed::STRIP;
-use super::DisjointWrites;
+use super::packed::{padded_width, STRIP};
+use super::{DisjointWrites, Epilogue};
 
 /// Rows of the left operand per tile.
 pub(crate) const TILE_ROWS: usize = 16;
@@ -68,15 +68,18 @@ fn detect() -> bool {
 }
 
 /// `a · B` for `rows` rows of `a` (`pairs` bf16 pairs per row, `rows` a multiple of
-/// [`TILE_ROWS`]) and `B` packed as [`super::PackedBf16`]'s data (`pairs` per strip, `strips`
-/// strips): `rows x (32·strips)` float32. Call only where [`takes`]`(pairs)`.
+/// [`TILE_ROWS`]) and `B` packed as [`super::PackedBf16`]'s data (`pairs` per strip, `n`
+/// columns in whole strips): `rows x padded_width(n)` float32, `epilogue` applied to each
+/// block as it is stored. Call only where [`takes`]`(pairs)`.
 pub(crate) fn product(
     data: &[u16],
     pairs: usize,
     a: &[u32],
     rows: usize,
-    strips: usize,
+    n: usize,
+    epilogue: Epilogue,
 ) -> Vec<f32> {
+    let strips = padded_width(n) / STRIP;
     assert!(takes(pairs), "AMX product over {pairs} pairs");
     assert!(rows.is_multiple_of(TILE_ROWS) && a.len() >= rows * pairs);
     assert!(data.len() >= strips * pairs * STRIP * 2);
@@ -107,6 +110,9 @@ pub(crate) fn product(
                 } else {
                     tiles.block::<1>(a, pairs, b.as_ptr(), at, stride);
                 }
+                let columns = strip * STRIP..n.min((strip + 1) * STRIP);
+                let block_rows = if two { 2 * TILE_ROWS } else { TILE_ROWS };
+                epilogue.apply(at, block_rows, stride, columns);
             }
         }
     });

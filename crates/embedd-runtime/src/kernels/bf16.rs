@@ -11,7 +11,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::packed::with_row_count;
 use super::packed::{for_each_tile, padded_width, tiled_product, unpad, Tile, LANES, STRIP};
-use super::rows_per_task;
+use super::{rows_per_task, Epilogue};
 
 /// Pairs of `k` per pass: one pass's weights for a strip (256 pairs x 32 columns, 32 KiB) stay in
 /// L1 while the block's rows go by. 256 rather than 192: k = 1024 then runs in two equal passes
@@ -103,11 +103,19 @@ impl PackedBf16 {
     /// `x · w` for `x` of `m x k` (float32): `m x n` float32. Call only where [`available`].
     /// Runs on AMX tiles where the CPU has them and `k` is whole tile steps (32 values).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.product(x, m, true)
+        self.product(x, m, true, Epilogue::default())
     }
 
-    fn product(&self, x: &[f32], m: usize, tiles_allowed: bool) -> Vec<f32> {
+    /// [`Self::matmul`] with `epilogue` applied to each block of the output as it is finished.
+    pub fn matmul_with(&self, x: &[f32], m: usize, epilogue: Epilogue) -> Vec<f32> {
+        self.product(x, m, true, epilogue)
+    }
+
+    fn product(&self, x: &[f32], m: usize, tiles_allowed: bool, epilogue: Epilogue) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "lhs is not {m} x {}", self.k);
+        if let Some(bias) = epilogue.bias {
+            assert_eq!(bias.len(), self.n, "bias length");
+        }
         assert!(available(), "bfloat16 matmul on a CPU without AVX-512 BF16");
         let pairs = self.pairs();
         #[cfg(target_arch = "x86_64")]
@@ -138,14 +146,24 @@ impl PackedBf16 {
             // Whole row tiles: the rows past `m` are zeros, and their sums are dropped.
             let rows = m.next_multiple_of(super::amx::TILE_ROWS);
             a.resize(rows * pairs, 0);
-            let mut out = super::amx::product(&self.data, pairs, &a, rows, stride / STRIP);
+            let mut out = super::amx::product(&self.data, pairs, &a, rows, self.n, epilogue);
             out.truncate(m * stride);
             return unpad(out, m, self.n);
         }
         // SAFETY: `available()` was checked above; `at` is valid for the tile's rows of 32 (see
         // `tiled_product`).
-        let kernel =
-            |tile: Tile, at: *mut f32| unsafe { run_tile(&self.data, pairs, &a, tile, at, stride) };
+        let n = self.n;
+        let kernel = |tile: Tile, at: *mut f32| {
+            let (rows, last) = (tile.rows, tile.pass.end == pairs);
+            let columns = tile.strip * STRIP..n.min((tile.strip + 1) * STRIP);
+            // SAFETY: as above; the tile's rows of 32 at `at` belong to this task.
+            unsafe {
+                run_tile(&self.data, pairs, &a, tile, at, stride);
+                if last {
+                    epilogue.apply(at, rows, stride, columns);
+                }
+            }
+        };
         // SAFETY: the kernel writes its whole tile on a first pass.
         let out = unsafe { tiled_product(m, stride, pairs, PASS_PAIRS, kernel) };
         unpad(out, m, self.n)
@@ -506,8 +524,8 @@ mod tests {
                 .map(|i| ((i * 5 % 19) as f32 - 9.0) * 0.07)
                 .collect();
             let packed = PackedBf16::pack(&w, k, n);
-            let tiles = packed.product(&x, m, true);
-            let vectors = packed.product(&x, m, false);
+            let tiles = packed.product(&x, m, true, Epilogue::default());
+            let vectors = packed.product(&x, m, false, Epilogue::default());
             assert_eq!(tiles.len(), m * n);
             // The same bf16 products summed in float32, in a different order.
             let scale = vectors

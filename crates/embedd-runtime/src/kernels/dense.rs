@@ -134,19 +134,108 @@ simd_function! {
     fn bias_activation_rows(rows: &mut [f32], bias: Option<&[f32]>, activation: Option<Activation>) {
         let n = bias.map_or(rows.len(), <[f32]>::len);
         for row in rows.chunks_exact_mut(n) {
-            if let Some(bias) = bias {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v += b;
+            bias_activation_row(row, bias, activation);
+        }
+    }
+}
+
+/// `row += bias`, then `activation`, in one pass (`bias` as long as `row`).
+#[inline(always)]
+fn bias_activation_row(row: &mut [f32], bias: Option<&[f32]>, activation: Option<Activation>) {
+    match activation {
+        None => map_row(row, bias, |v| v),
+        Some(Activation::Gelu) => map_row(row, bias, math::gelu),
+        Some(Activation::GeluTanh) => map_row(row, bias, math::gelu_tanh),
+        Some(Activation::Relu) => map_row(row, bias, math::relu),
+        Some(Activation::Silu) => map_row(row, bias, math::silu),
+        Some(Activation::QuickGelu) => map_row(row, bias, math::quick_gelu),
+    }
+}
+
+/// `row[i] = f(row[i] + bias[i])`, a vector register's worth at a time: a loop over the whole
+/// row vectorizes four registers per step and leaves a 32-column tile to its scalar tail.
+#[inline(always)]
+fn map_row(row: &mut [f32], bias: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+    let mut chunks = row.chunks_exact_mut(math::LANES);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let chunk: &mut [f32; math::LANES] = chunk.try_into().expect("whole chunk");
+        match bias {
+            Some(bias) => {
+                let b: &[f32; math::LANES] =
+                    bias[at..at + math::LANES].try_into().expect("whole chunk");
+                for i in 0..math::LANES {
+                    chunk[i] = f(chunk[i] + b[i]);
                 }
             }
-            match activation {
-                None => {}
-                Some(Activation::Gelu) => row.iter_mut().for_each(|v| *v = math::gelu(*v)),
-                Some(Activation::GeluTanh) => row.iter_mut().for_each(|v| *v = math::gelu_tanh(*v)),
-                Some(Activation::Relu) => row.iter_mut().for_each(|v| *v = math::relu(*v)),
-                Some(Activation::Silu) => row.iter_mut().for_each(|v| *v = math::silu(*v)),
-                Some(Activation::QuickGelu) => row.iter_mut().for_each(|v| *v = math::quick_gelu(*v)),
+            None => {
+                for v in chunk.iter_mut() {
+                    *v = f(*v);
+                }
             }
+        }
+        at += math::LANES;
+    }
+    for (i, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = f(*v + bias.map_or(0.0, |b| b[at + i]));
+    }
+}
+
+/// What a packed product applies to each block of its output as the block is finished, while
+/// it is still in L1: the layer's bias and activation. A separate pass afterwards read the whole
+/// output back from L2 or L3, one more parallel dispatch per layer.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// One per output column.
+    pub bias: Option<&'a [f32]>,
+    pub activation: Option<Activation>,
+}
+
+impl Epilogue<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.bias.is_none() && self.activation.is_none()
+    }
+
+    /// Applies it to `rows` rows of columns `columns` of an output whose row stride is `stride`,
+    /// the first row at `at` (column `columns.start`).
+    ///
+    /// # Safety
+    /// `at` must be valid for `rows` rows of `columns.len()` floats at stride `stride`, written
+    /// by this task alone while it runs.
+    pub(crate) unsafe fn apply(
+        &self,
+        at: *mut f32,
+        rows: usize,
+        stride: usize,
+        columns: std::ops::Range<usize>,
+    ) {
+        if self.is_empty() || columns.is_empty() {
+            return;
+        }
+        let bias = self.bias.map(|b| &b[columns.clone()]);
+        epilogue_tile(at, rows, stride, columns.len(), bias, self.activation);
+    }
+}
+
+simd_function! {
+    /// One call per tile, not per row: each call sets up the activation's constants again,
+    /// which for a 32-column row cost as much as the row.
+    ///
+    /// Safety (a contract the macro's safe signature cannot carry, kept by [`Epilogue::apply`],
+    /// its one caller): `at` is valid for `rows` rows of `width` floats at stride `stride`,
+    /// written by the calling task alone.
+    fn epilogue_tile(
+        at: *mut f32,
+        rows: usize,
+        stride: usize,
+        width: usize,
+        bias: Option<&[f32]>,
+        activation: Option<Activation>,
+    ) {
+        for r in 0..rows {
+            // SAFETY: per the contract above.
+            let row = unsafe { std::slice::from_raw_parts_mut(at.add(r * stride), width) };
+            bias_activation_row(row, bias, activation);
         }
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! candle runs a BERT layer as a dozen separate passes, each allocating its output; on a CPU most
 //! of the time outside the matrix products goes there. These kernels do the same arithmetic in
-//! fewer passes over packed rows (padding removed): matrix products through `gemm` with its
-//! AVX-512 kernels, then one pass for bias + activation, one for bias + residual + LayerNorm,
+//! fewer passes over packed rows (padding removed): matrix products on weights packed at load,
+//! with bias + activation applied to each block of output as it is finished ([`Epilogue`]), one
+//! pass for bias + residual + LayerNorm,
 //! and attention per (sequence, head) with the scale and softmax folded in, so no
 //! `[batch, heads, seq, seq]` tensor or head transposes are ever built.
 //!
@@ -26,7 +27,7 @@ pub use bf16::PackedBf16;
 pub use dense::{
     bias_activation, bias_residual_layer_norm, gated_activation, layer_norm, layer_norm_columns,
     low_rank_update, matmul, residual_add, residual_then_layer_norm, residual_then_rms_norm,
-    rms_norm, rms_norm_columns,
+    rms_norm, rms_norm_columns, Epilogue,
 };
 pub use int8::PackedI8;
 pub use packed::PackedF32;

@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::DisjointWrites;
+use super::{DisjointWrites, Epilogue};
 
 /// Output columns per vector register.
 pub(crate) const LANES: usize = 16;
@@ -199,30 +199,43 @@ impl PackedF32 {
 
     /// `x · w` for `x` of `m x k`: `m x n`. Call only where [`Self::available`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let k = self.k;
+        self.matmul_with(x, m, Epilogue::default())
+    }
+
+    /// [`Self::matmul`] with `epilogue` applied to each tile after its last pass.
+    pub fn matmul_with(&self, x: &[f32], m: usize, epilogue: Epilogue) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
         assert_eq!(x.len(), m * k, "lhs is not {m} x {k}");
         assert!(
             Self::available(),
             "packed float32 matmul on a CPU without AVX-512"
         );
-        let stride = padded_width(self.n);
+        if let Some(bias) = epilogue.bias {
+            assert_eq!(bias.len(), n, "bias length");
+        }
+        let stride = padded_width(n);
         let kernel = |tile: Tile, at: *mut f32| {
             let strip = &self.data[tile.strip * k * STRIP..][..k * STRIP];
             let weights = &strip[tile.pass.start * STRIP..tile.pass.end * STRIP];
             let inputs = &x[tile.first * k..(tile.first + tile.rows) * k];
+            let last = tile.pass.end == k;
+            let columns = tile.strip * STRIP..n.min((tile.strip + 1) * STRIP);
             // SAFETY: AVX-512F was checked above; `at` is valid for the tile's rows of 32
-            // (see `tiled_product`).
+            // (see `tiled_product`), which belong to this task.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 with_row_count!(
                     tile.rows,
                     x86::strip_kernel(inputs, k, tile.pass, weights, at, stride, tile.accumulate)
-                )
+                );
+                if last {
+                    epilogue.apply(at, tile.rows, stride, columns);
+                }
             };
         };
         // SAFETY: the kernel writes its whole tile on a first pass.
         let out = unsafe { tiled_product(m, stride, k, F32_PASS, kernel) };
-        unpad(out, m, self.n)
+        unpad(out, m, n)
     }
 }
 
@@ -373,6 +386,54 @@ mod tests {
                     (g - w).abs() <= 1e-4 * w.abs().max(1.0),
                     "{g} vs {w} ({m}x{k}x{n})"
                 );
+            }
+        }
+    }
+
+    /// The epilogue gives what the pass after the product gives: bias and activation on every
+    /// column of every row, the padding columns of a partial strip left alone, in the float32
+    /// kernel and both bfloat16 ones (vectors, and AMX tiles where `k` is whole tile steps).
+    #[test]
+    fn epilogues_match_the_separate_pass() {
+        use crate::activation::Activation;
+        use crate::kernels::{bf16, bias_activation, PackedBf16};
+        let close = |got: &[f32], want: &[f32], what: &str| {
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                    "{g} vs {w} ({what})"
+                );
+            }
+        };
+        let mut products = test_products();
+        products.push(TestProduct {
+            m: 33,
+            k: 64,
+            n: 100,
+            x: (0..33 * 64).map(|i| (i % 13) as f32 / 6.0 - 1.0).collect(),
+            w: (0..64 * 100).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect(),
+        });
+        for TestProduct { m, k, n, x, w } in products {
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 / n as f32 - 0.5).collect();
+            for activation in [None, Some(Activation::Gelu), Some(Activation::Silu)] {
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    activation,
+                };
+                let what = format!("{m}x{k}x{n} {activation:?}");
+                if PackedF32::available() {
+                    let packed = PackedF32::pack(&w, k, n);
+                    let mut want = packed.matmul(&x, m);
+                    bias_activation(&mut want, n, Some(&bias), activation);
+                    close(&packed.matmul_with(&x, m, epilogue), &want, &what);
+                }
+                if bf16::available() {
+                    let packed = PackedBf16::pack(&w, k, n);
+                    let mut want = packed.matmul(&x, m);
+                    bias_activation(&mut want, n, Some(&bias), activation);
+                    close(&packed.matmul_with(&x, m, epilogue), &want, &what);
+                }
             }
         }
     }

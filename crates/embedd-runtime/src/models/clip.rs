@@ -223,9 +223,9 @@ impl ClipAttention {
 
     /// The fused path: the output projection's product, its bias left to the residual step.
     fn forward_fused(&self, x: &[f32], rows: &FusedRows) -> candle_core::Result<Vec<f32>> {
-        let h = self.heads * self.head_dim;
-        let mut qkv = self.qkv.forward_host(x, rows.total())?;
-        kernels::bias_activation(&mut qkv, 3 * h, self.qkv.host_bias()?.as_deref(), None);
+        let qkv = self
+            .qkv
+            .forward_host_activated(x, rows.total(), &[], None)?;
         let shape = AttentionShape {
             heads: self.heads,
             kv_heads: self.heads,
@@ -295,15 +295,10 @@ impl ClipLayer {
             self.eps,
         );
         drop(attended);
-        let mut inner = self.fc1.forward_host(&normed, rows.total())?;
+        let inner =
+            self.fc1
+                .forward_host_activated(&normed, rows.total(), &[], Some(self.activation))?;
         drop(normed);
-        let width = self.fc1.out_features()?;
-        kernels::bias_activation(
-            &mut inner,
-            width,
-            self.fc1.host_bias()?.as_deref(),
-            Some(self.activation),
-        );
         let out = self.fc2.forward_host(&inner, rows.total())?;
         kernels::residual_add(x, &out, self.fc2.host_bias()?.as_deref());
         Ok(())

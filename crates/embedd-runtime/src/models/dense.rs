@@ -5,6 +5,7 @@ use candle_nn::{LayerNorm, Linear};
 
 use super::int8::Int8Layer;
 use super::lora::{AdapterSpan, LinearLora};
+use crate::activation::Activation;
 use crate::kernels::{self, HostSlice, PackedBf16, PackedF32};
 use crate::plan::FusedProducts;
 
@@ -101,6 +102,41 @@ impl Dense {
         let mut out = self.forward_host(x, rows)?;
         if let Some(lora) = &self.lora {
             lora.add_host(x, &mut out, spans)?;
+        }
+        Ok(out)
+    }
+
+    /// `activation(x · Wᵀ + b)` on the fused path, with the adapters' updates for the rows in
+    /// `spans`: the packed kernels add the bias and apply the activation to each block of the
+    /// product while it is in cache; the other forms, and adapters under an activation, in a
+    /// pass after it.
+    pub fn forward_host_activated(
+        &self,
+        x: &[f32],
+        rows: usize,
+        spans: &[AdapterSpan],
+        activation: Option<Activation>,
+    ) -> candle_core::Result<Vec<f32>> {
+        let bias = self.host_bias()?;
+        let epilogue = kernels::Epilogue {
+            bias: bias.as_deref(),
+            activation,
+        };
+        // The adapters' updates are added after the product: under an activation they must
+        // come before it, so the epilogue cannot take it.
+        let fused = self.lora.is_none() || activation.is_none();
+        let mut out = match &self.weight {
+            Weight::F32(packed) if fused => packed.matmul_with(x, rows, epilogue),
+            Weight::Bf16(packed) if fused => packed.matmul_with(x, rows, epilogue),
+            _ => self.forward_host(x, rows)?,
+        };
+        if let Some(lora) = &self.lora {
+            lora.add_host(x, &mut out, spans)?;
+        }
+        let applied = fused && matches!(self.weight, Weight::F32(_) | Weight::Bf16(_));
+        if !applied {
+            let n = self.out_features()?;
+            kernels::bias_activation(&mut out, n, epilogue.bias, activation);
         }
         Ok(out)
     }

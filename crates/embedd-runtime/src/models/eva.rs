@@ -268,8 +268,9 @@ impl EvaAttention {
         table: &RotaryTable,
     ) -> candle_core::Result<Vec<f32>> {
         let w = self.heads * self.head_dim;
-        let mut qkv = self.qkv.forward_host(x, rows.total())?;
-        kernels::bias_activation(&mut qkv, 3 * w, self.qkv.host_bias()?.as_deref(), None);
+        let mut qkv = self
+            .qkv
+            .forward_host_activated(x, rows.total(), &[], None)?;
         kernels::rotary(
             &mut qkv,
             &rows.offsets,
@@ -348,9 +349,7 @@ impl SwiGlu {
 
     /// The fused path: `w3`'s product, its bias left to the residual step.
     fn forward_fused(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
-        let mut both = self.gate_value.forward_host(x, rows)?;
-        let bias = self.gate_value.host_bias()?;
-        kernels::bias_activation(&mut both, 2 * self.hidden, bias.as_deref(), None);
+        let both = self.gate_value.forward_host_activated(x, rows, &[], None)?;
         let mut hidden = kernels::gated_activation(&both, self.hidden, Activation::Silu, true);
         drop(both);
         let (gamma, beta) = host_norm(&self.norm)?;
@@ -515,10 +514,7 @@ impl EvaVisionTower {
         let (gamma, beta) = host_norm(&self.norm)?;
         kernels::layer_norm_columns(&mut pooled, w, 0, &gamma, &beta, EPS as f32);
         for dense in self.head.iter().chain(&self.projection) {
-            let mut out = dense.forward_host(&pooled, n)?;
-            let width = dense.out_features()?;
-            kernels::bias_activation(&mut out, width, dense.host_bias()?.as_deref(), None);
-            pooled = out;
+            pooled = dense.forward_host_activated(&pooled, n, &[], None)?;
         }
         let dim = pooled.len() / n.max(1);
         Tensor::from_vec(pooled, (n, dim), &candle_core::Device::Cpu)

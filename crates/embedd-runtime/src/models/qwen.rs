@@ -602,8 +602,7 @@ impl Qwen3Attention {
         let rows = offsets.last().copied().unwrap_or(0);
         let d = self.head_dim;
         let width = (self.heads + 2 * self.kv_heads) * d;
-        let mut qkv = self.qkv.forward_host_adapted(x, rows, spans)?;
-        kernels::bias_activation(&mut qkv, width, self.qkv.host_bias()?.as_deref(), None);
+        let mut qkv = self.qkv.forward_host_activated(x, rows, spans, None)?;
         let norms = [
             (0, self.heads, &self.q_norm),
             (self.heads, self.kv_heads, &self.k_norm),

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use candle_nn::{Linear, VarBuilder};
 
 use super::Dense;
-use crate::kernels::{self, HostSlice};
+use crate::kernels::HostSlice;
 use crate::plan::FusedProducts;
 
 /// A ViT's patch embedding: a convolution whose stride is its kernel, which is a product of each
@@ -14,7 +14,6 @@ pub(crate) struct PatchEmbedding {
     dense: Dense,
     patch: usize,
     grid: usize,
-    width: usize,
 }
 
 impl PatchEmbedding {
@@ -36,7 +35,6 @@ impl PatchEmbedding {
             dense: Dense::load(Linear::new(weight, bias), fused)?,
             patch,
             grid,
-            width,
         })
     }
 
@@ -66,14 +64,7 @@ impl PatchEmbedding {
         let rows = self.rows(pixels)?;
         let count = rows.dim(0)? * rows.dim(1)?;
         let host = HostSlice::of(&rows)?;
-        let mut out = self.dense.forward_host(&host, count)?;
-        kernels::bias_activation(
-            &mut out,
-            self.width,
-            self.dense.host_bias()?.as_deref(),
-            None,
-        );
-        Ok(out)
+        self.dense.forward_host_activated(&host, count, &[], None)
     }
 }
 

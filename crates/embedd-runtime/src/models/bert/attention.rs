@@ -103,8 +103,7 @@ impl BertAttention {
         let h = self.num_heads * self.head_dim;
         let mut qkv = self
             .qkv
-            .forward_host_adapted(x, rows.total(), &rows.adapters)?;
-        kernels::bias_activation(&mut qkv, 3 * h, self.qkv.host_bias()?.as_deref(), None);
+            .forward_host_activated(x, rows.total(), &rows.adapters, None)?;
         if let Some((norm_q, norm_k)) = &self.qk_norm {
             for (column, norm) in [(0, norm_q), (h, norm_k)] {
                 let (gamma, beta) = host_norm(norm)?;

@@ -94,14 +94,8 @@ impl FeedForward {
                 layer_norm,
                 activation,
             } => {
-                let i = intermediate.out_features()?;
-                let mut inner = intermediate.forward_host_adapted(x, rows, spans)?;
-                kernels::bias_activation(
-                    &mut inner,
-                    i,
-                    intermediate.host_bias()?.as_deref(),
-                    Some(*activation),
-                );
+                let inner =
+                    intermediate.forward_host_activated(x, rows, spans, Some(*activation))?;
                 (inner, output, layer_norm)
             }
             FeedForward::Gated {
