@@ -189,6 +189,9 @@ pub struct Epilogue<'a> {
     /// One per output column.
     pub bias: Option<&'a [f32]>,
     pub activation: Option<Activation>,
+    /// The output is rounded to bfloat16 before anything reads it (a bfloat16 product's
+    /// input): GELU then needs only bfloat16's digits ([`math::gelu_reduced`]).
+    pub reduced: bool,
 }
 
 impl Epilogue<'_> {
@@ -213,8 +216,19 @@ impl Epilogue<'_> {
             return;
         }
         let bias = self.bias.map(|b| &b[columns.clone()]);
-        epilogue_tile(at, rows, stride, columns.len(), bias, self.activation);
+        let activation = match self.activation {
+            Some(Activation::Gelu) if self.reduced => Some(Reduced::Gelu),
+            other => other.map(Reduced::Exact),
+        };
+        epilogue_tile(at, rows, stride, columns.len(), bias, activation);
     }
+}
+
+/// An epilogue's activation: the exact one, or GELU to bfloat16's precision.
+#[derive(Clone, Copy)]
+enum Reduced {
+    Exact(Activation),
+    Gelu,
 }
 
 simd_function! {
@@ -230,12 +244,16 @@ simd_function! {
         stride: usize,
         width: usize,
         bias: Option<&[f32]>,
-        activation: Option<Activation>,
+        activation: Option<Reduced>,
     ) {
         for r in 0..rows {
             // SAFETY: per the contract above.
             let row = unsafe { std::slice::from_raw_parts_mut(at.add(r * stride), width) };
-            bias_activation_row(row, bias, activation);
+            match activation {
+                Some(Reduced::Gelu) => map_row(row, bias, math::gelu_reduced),
+                Some(Reduced::Exact(activation)) => bias_activation_row(row, bias, Some(activation)),
+                None => bias_activation_row(row, bias, None),
+            }
         }
     }
 }

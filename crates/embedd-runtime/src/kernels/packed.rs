@@ -420,6 +420,7 @@ mod tests {
                 let epilogue = Epilogue {
                     bias: Some(&bias),
                     activation,
+                    reduced: false,
                 };
                 let what = format!("{m}x{k}x{n} {activation:?}");
                 if PackedF32::available() {
@@ -433,6 +434,18 @@ mod tests {
                     let mut want = packed.matmul(&x, m);
                     bias_activation(&mut want, n, Some(&bias), activation);
                     close(&packed.matmul_with(&x, m, epilogue), &want, &what);
+                    // GELU to bfloat16's digits.
+                    let reduced = Epilogue {
+                        reduced: true,
+                        ..epilogue
+                    };
+                    let got = packed.matmul_with(&x, m, reduced);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 3e-5 * w.abs().max(1.0),
+                            "{g} vs {w} ({what})"
+                        );
+                    }
                 }
             }
         }

@@ -121,6 +121,8 @@ impl Dense {
         let epilogue = kernels::Epilogue {
             bias: bias.as_deref(),
             activation,
+            // In a bfloat16 plan what reads an activation is a bfloat16 product.
+            reduced: matches!(self.weight, Weight::Bf16(_)),
         };
         // The adapters' updates are added after the product: under an activation they must
         // come before it, so the epilogue cannot take it.
