@@ -217,8 +217,8 @@ impl Epilogue<'_> {
         }
         let bias = self.bias.map(|b| &b[columns.clone()]);
         let activation = match self.activation {
-            Some(Activation::Gelu) if self.reduced => Some(Reduced::Gelu),
-            other => other.map(Reduced::Exact),
+            Some(Activation::Gelu) if self.reduced => Some(TileActivation::GeluReduced),
+            other => other.map(TileActivation::Exact),
         };
         epilogue_tile(at, rows, stride, columns.len(), bias, activation);
     }
@@ -226,9 +226,9 @@ impl Epilogue<'_> {
 
 /// An epilogue's activation: the exact one, or GELU to bfloat16's precision.
 #[derive(Clone, Copy)]
-enum Reduced {
+enum TileActivation {
     Exact(Activation),
-    Gelu,
+    GeluReduced,
 }
 
 simd_function! {
@@ -244,14 +244,16 @@ simd_function! {
         stride: usize,
         width: usize,
         bias: Option<&[f32]>,
-        activation: Option<Reduced>,
+        activation: Option<TileActivation>,
     ) {
         for r in 0..rows {
             // SAFETY: per the contract above.
             let row = unsafe { std::slice::from_raw_parts_mut(at.add(r * stride), width) };
             match activation {
-                Some(Reduced::Gelu) => map_row(row, bias, math::gelu_reduced),
-                Some(Reduced::Exact(activation)) => bias_activation_row(row, bias, Some(activation)),
+                Some(TileActivation::GeluReduced) => map_row(row, bias, math::gelu_reduced),
+                Some(TileActivation::Exact(activation)) => {
+                    bias_activation_row(row, bias, Some(activation))
+                }
                 None => bias_activation_row(row, bias, None),
             }
         }
