@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::packed::{padded_width, STRIP};
+use super::packed::{padded_width, strip_columns, STRIP};
 use super::{DisjointWrites, Epilogue};
 
 /// Rows of the left operand per tile.
@@ -79,6 +79,7 @@ pub(crate) fn product(
     n: usize,
     epilogue: Epilogue,
 ) -> Vec<f32> {
+    epilogue.assert_width(n);
     let strips = padded_width(n) / STRIP;
     assert!(takes(pairs), "AMX product over {pairs} pairs");
     assert!(rows.is_multiple_of(TILE_ROWS) && a.len() >= rows * pairs);
@@ -110,9 +111,8 @@ pub(crate) fn product(
                 } else {
                     tiles.block::<1>(a, pairs, b.as_ptr(), at, stride);
                 }
-                let columns = strip * STRIP..n.min((strip + 1) * STRIP);
                 let block_rows = if two { 2 * TILE_ROWS } else { TILE_ROWS };
-                epilogue.apply(at, block_rows, stride, columns);
+                epilogue.apply(at, block_rows, stride, strip_columns(strip, n));
             }
         }
     });

@@ -199,6 +199,13 @@ impl Epilogue<'_> {
         self.bias.is_none() && self.activation.is_none()
     }
 
+    /// Panics unless the bias (if any) has one value per column of an `n`-wide output.
+    pub(crate) fn assert_width(&self, n: usize) {
+        if let Some(bias) = self.bias {
+            assert_eq!(bias.len(), n, "bias length");
+        }
+    }
+
     /// Applies it to `rows` rows of columns `columns` of an output whose row stride is `stride`,
     /// the first row at `at` (column `columns.start`).
     ///

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use super::packed::{padded_width, tiled_product, unpad, Tile, LANES, STRIP};
 use super::rows_per_task;
+use super::Epilogue;
 
 /// Quads of `k` per pass: a strip's weights for a pass (192 quads x 32 columns x 4 bytes, 24 KiB)
 /// stay in L1 while the block's rows go by. A whole number of groups.
@@ -317,7 +318,8 @@ impl PackedI8 {
             }
         };
         // SAFETY: the kernel writes its whole tile on a first pass.
-        let out = unsafe { tiled_product(m, stride, quads, PASS_QUADS, kernel) };
+        let out =
+            unsafe { tiled_product(m, self.n, quads, PASS_QUADS, Epilogue::default(), kernel) };
         unpad(out, m, self.n)
     }
 }

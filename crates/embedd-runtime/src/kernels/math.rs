@@ -23,13 +23,9 @@ fn horner<const N: usize>(x: f32, c: [f32; N]) -> f32 {
 
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let shifted = x.mul_add(LOG2_E, ROUND_MAGIC);
-    let n = shifted - ROUND_MAGIC;
-    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     // Taylor to r^7: |r| <= ln2/2 leaves a remainder below 1e-8.
-    let p = horner(
-        r,
+    exp_taylor(
+        x,
         [
             1.0,
             1.0,
@@ -40,7 +36,17 @@ pub fn exp(x: f32) -> f32 {
             1.0 / 720.0,
             1.0 / 5040.0,
         ],
-    );
+    )
+}
+
+/// `e^x = 2^n e^r` with `|r| <= ln2/2`, `e^r` from the Taylor coefficients `taylor`.
+#[inline(always)]
+fn exp_taylor<const N: usize>(x: f32, taylor: [f32; N]) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x.mul_add(LOG2_E, ROUND_MAGIC);
+    let n = shifted - ROUND_MAGIC;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let p = horner(r, taylor);
     // 2^n from the integer the magic left in the low mantissa bits (n + 2^22): integer ops that
     // vectorize, where `n as i32` (a saturating conversion) went lane by lane.
     let biased = shifted.to_bits().wrapping_sub(ROUND_MAGIC.to_bits() - 127);
@@ -110,13 +116,7 @@ pub fn gelu_reduced(x: f32) -> f32 {
 /// `exp` to a few parts in a million (Taylor to r^5), for [`gelu_reduced`].
 #[inline(always)]
 fn exp_reduced(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let shifted = x.mul_add(LOG2_E, ROUND_MAGIC);
-    let n = shifted - ROUND_MAGIC;
-    let r = (-n).mul_add(LN2_HI, x);
-    let p = horner(r, [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0]);
-    let biased = shifted.to_bits().wrapping_sub(ROUND_MAGIC.to_bits() - 127);
-    p * f32::from_bits(biased << 23)
+    exp_taylor(x, [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0])
 }
 
 /// The tanh approximation of GELU.

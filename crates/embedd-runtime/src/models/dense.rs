@@ -127,15 +127,14 @@ impl Dense {
         // The adapters' updates are added after the product: under an activation they must
         // come before it, so the epilogue cannot take it.
         let fused = self.lora.is_none() || activation.is_none();
-        let mut out = match &self.weight {
-            Weight::F32(packed) if fused => packed.matmul_with(x, rows, epilogue),
-            Weight::Bf16(packed) if fused => packed.matmul_with(x, rows, epilogue),
-            _ => self.forward_host(x, rows)?,
+        let (mut out, applied) = match &self.weight {
+            Weight::F32(packed) if fused => (packed.matmul_with(x, rows, epilogue), true),
+            Weight::Bf16(packed) if fused => (packed.matmul_with(x, rows, epilogue), true),
+            _ => (self.forward_host(x, rows)?, false),
         };
         if let Some(lora) = &self.lora {
             lora.add_host(x, &mut out, spans)?;
         }
-        let applied = fused && matches!(self.weight, Weight::F32(_) | Weight::Bf16(_));
         if !applied {
             let n = self.out_features()?;
             kernels::bias_activation(&mut out, n, epilogue.bias, activation);
